@@ -163,6 +163,13 @@ def check_micro_batch(per_rank, micro_batch):
     return per_rank // micro_batch
 
 
+def _take(targets, sl):
+    """Slice a per-sample tensor, or each tensor of a tuple (e.g. labels and sample indices)."""
+    if isinstance(targets, (tuple, list)):
+        return type(targets)(t[sl] for t in targets)
+    return targets[sl]
+
+
 @dataclass
 class StepOut:
     loss: torch.Tensor          # mean (weighted) loss of the step, device scalar, detached
@@ -175,7 +182,8 @@ class StepOut:
 class TrainStep:
     """One optimizer step over a batch, split into micro-batches (gradient accumulation), AMP, clipping.
 
-    Call it with the rank's batch and a `forward_loss(model, inputs, targets) -> (B,) per-sample loss`.
+    Call it with the rank's batch and a `forward_loss(model, inputs, targets) -> (B,) per-sample loss`;
+    `targets` may be a tensor or a tuple of per-sample tensors, sliced alongside the inputs.
     A CUDA out-of-memory error inside the step halves the micro-batch (doubling accumulation) and redoes
     the step from zero gradients: no update is lost or applied twice.
     """
@@ -217,7 +225,7 @@ class TrainStep:
             sl = slice(start, start + size)
             start += size
             with self._no_sync(last=i == len(sizes) - 1), self.autocast():
-                per_sample = forward_loss(self.model, inputs[sl], targets[sl])  # (b,)
+                per_sample = forward_loss(self.model, inputs[sl], _take(targets, sl))  # (b,)
                 if weights is not None:
                     per_sample = per_sample * weights[sl]
                 # Dividing by the whole batch size makes the accumulated gradient the batch mean,

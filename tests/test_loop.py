@@ -62,6 +62,23 @@ def test_short_last_window_is_weighted_by_samples():
     assert_same_params(full, short)
 
 
+def test_tuple_targets_are_sliced_per_micro_batch():
+    seen = []
+
+    def fl(model, x, targets):
+        y, index = targets
+        assert len(y) == len(index) == x.shape[0]
+        seen.extend(index.tolist())
+        return ce(model, x, y)
+    model = make_model()
+    optim = OptimConfig(lr=0.1, schedule="constant")
+    step = TrainStep(model, build_optimizer(model, optim, "cpu"), LoopConfig(precision="fp32"), optim, 1, "cpu",
+                     micro_batch=3)
+    x, y = data(8)
+    step(x, (y, torch.arange(8)), fl)
+    assert seen == list(range(8))
+
+
 def test_batch_sizes_that_do_not_divide_are_refused():
     with pytest.raises(ConfigError, match="does not divide over 3 ranks"):
         per_rank_batch(64, 3)

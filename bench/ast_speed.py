@@ -1,0 +1,119 @@
+"""Wall-clock of one epoch-equivalent for each AST mode, same run, through train_ast.train() itself.
+
+    python bench/ast_speed.py                     # GPU: ResNet-50, 224 px, bf16, synthetic GPU-resident data
+    python bench/ast_speed.py --smoke             # CPU: tiny sizes, checks the script runs
+
+Every variant trains the same model from the same init with the real script's code path. An
+"epoch-equivalent" is one pass of the loader over the training set: `full` trains every sample; `batch`
+scores every sample with a no-grad forward and trains the selected ones; `epoch` trains the kept share
+of the epoch (after a full warm-up epoch, which is not timed). The timed epoch is the last one of each
+variant (batch modes: after a warm-up epoch on all data and two sparse epochs, so the controller's settling
+and cuDNN's autotuning of the subset shapes stay out of it). train_seconds excludes evaluation.
+Last line: {"summary": true, "speedup_batch_10": x, "speedup_batch_20": x, "speedup_epoch_10": x,
+"speedup_epoch_20": x, "speedup_batch_10_cheap_scoring": x, "device": ...}.
+"""
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_ast  # noqa: E402
+from lib import data as data_lib, dist  # noqa: E402
+from lib.config import merge  # noqa: E402
+
+
+def emit(**record):
+    print(json.dumps(record), flush=True)
+
+
+def base_config(args, out_dir):
+    overrides = {
+        "run": {"name": "bench", "out_dir": str(out_dir), "epochs": 2, "eval_every": 1, "resume": "none",
+                "device": "auto"},
+        "data": {"name": "synthetic", "image_size": args.size, "num_classes": 1000, "loader": "resident",
+                 "train_samples": args.samples, "test_samples": args.batch, "augment": True,
+                 "resident_max_gb": 40.0},
+        "model": {"name": args.model},
+        "optim": {"lr": 0.05, "warmup_steps": 20, "weight_decay": 5e-5},
+        "loop": {"precision": "bf16" if not args.smoke else "fp32", "global_batch": args.batch,
+                 "log_every": 20, "channels_last": True},
+    }
+    return merge(train_ast.Config(), overrides)
+
+
+VARIANTS = {
+    # name: (ast overrides, epochs); the last epoch of each is the timed one
+    # batch modes: a warm-up epoch on all data, two sparse epochs (the controller settles and cuDNN autotunes
+    # the few subset shapes), then the timed one
+    "full": ({"mode": "full"}, 2),
+    "batch_10": ({"mode": "batch", "controller": {"target_rate": 0.1}}, 4),
+    "batch_20": ({"mode": "batch", "controller": {"target_rate": 0.2}}, 4),
+    "batch_10_cheap_scoring": ({"mode": "batch", "controller": {"target_rate": 0.1}, "score_resolution": -2}, 4),
+    "epoch_10": ({"mode": "epoch", "controller": {"target_rate": 0.1}, "warmup_epochs": 1,
+                  "final_full_fraction": 0.0, "explore_rate": 0.02}, 3),
+    "epoch_20": ({"mode": "epoch", "controller": {"target_rate": 0.2}, "warmup_epochs": 1,
+                  "final_full_fraction": 0.0, "explore_rate": 0.02}, 3),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=256, help="training batch of full / epoch modes")
+    parser.add_argument("--score-batch", type=int, default=1024, help="samples scored per step in batch mode")
+    parser.add_argument("--samples", type=int, default=15360, help="training set size (one epoch)")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.size, args.batch, args.score_batch, args.samples = "small_cnn", 32, 32, 64, 512
+    torch.backends.cudnn.benchmark = True
+    # every variant trains on the same synthetic set: generate it once (its generator is seeded by the config)
+    made = {}
+    synthetic = data_lib._synthetic
+    data_lib._synthetic = lambda c: made.setdefault((c.image_size, c.num_classes, c.train_samples), synthetic(c))
+    out_dir = Path(tempfile.mkdtemp(prefix="ast_speed_"))
+    cfg = base_config(args, out_dir)
+    info = dist.setup(0, "cpu" if args.smoke else "auto")
+    device_name = torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"
+    epoch_seconds = {}
+    for name, (ast_overrides, epochs) in VARIANTS.items():
+        overrides = {"ast": dict(ast_overrides), "run": {"name": name, "epochs": epochs}}
+        if ast_overrides["mode"] == "batch":
+            overrides["ast"]["score_batch"] = args.score_batch
+        if overrides["ast"].get("score_resolution") == -2:
+            overrides["ast"]["score_resolution"] = args.size // 2  # cheap scoring: half the resolution
+        vcfg = merge(cfg, overrides)
+        result = train_ast.train(vcfg, info, out_dir / name)
+        curve = result["curve"]
+        timed = curve[-1]["train_seconds"] - curve[-2]["train_seconds"]  # the last epoch alone
+        steps_timed = curve[-1]["step"] - curve[-2]["step"]
+        metrics = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
+        plans = [m for m in metrics if m.get("kind") == "epoch_plan"]
+        if plans:
+            rate = plans[-1]["rate"]
+        elif ast_overrides["mode"] == "batch":
+            rate = sum(result["counts"][-steps_timed:]) / (steps_timed * args.score_batch)
+        else:
+            rate = 1.0
+        epoch_seconds[name] = timed
+        emit(variant=name, mode=result["mode"], epoch_seconds=round(timed, 3), optimizer_steps=steps_timed,
+             images_per_epoch=args.samples, images_per_s=round(args.samples / timed, 1),
+             backward_samples_total=result["backward_samples"], forward_samples_total=result["forward_samples"],
+             activation_rate_timed_epoch=round(rate, 4),
+             batch=args.batch, score_batch=args.score_batch if ast_overrides["mode"] == "batch" else None,
+             device=device_name)
+    full = epoch_seconds["full"]
+    summary = {f"speedup_{k}": round(full / v, 3) for k, v in epoch_seconds.items() if k != "full"}
+    emit(summary=True, **summary, full_epoch_seconds=round(full, 3), model=args.model, size=args.size,
+         samples=args.samples, device=device_name, torch=torch.__version__, command=" ".join(sys.argv))
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
