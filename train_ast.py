@@ -620,7 +620,8 @@ def plot_comparison(root, results):
     ax1.set_ylabel("threshold")
     ax2.set_ylabel("activation rate")
     ax2.set_xlabel("step")
-    ax1.legend()
+    if ax1.lines:
+        ax1.legend()
     fig.tight_layout()
     fig.savefig(root / "controller.png", dpi=100)
     plt.close(fig)

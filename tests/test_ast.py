@@ -182,3 +182,16 @@ def test_bad_input_is_refused_before_training(tmp_path):
         tiny(tmp_path, ast={"mode": "bacth"})
     with pytest.raises(ConfigError, match="fewer than one batch"):
         train_ast.main(tiny(tmp_path, ast={"mode": "full"}, loop={"global_batch": 4096}))
+
+
+def test_imagefolder_of_real_jpegs_trains_with_bad_files_counted(tmp_path):
+    from tools.make_imagefolder import MakeConfig, make_imagefolder
+    root = tmp_path / "folder"
+    make_imagefolder(MakeConfig(out=str(root), classes=3, train_per_class=12, val_per_class=4, width=72, height=56,
+                                workers=1, grayscale=1, cmyk=1, truncated=1))
+    cfg = tiny(tmp_path, data={"name": "imagefolder", "root": str(root), "image_size": 32, "loader": "dataloader",
+                               "workers": 0, "max_skipped_fraction": 0.2},
+               loop={"global_batch": 8}, ast={"mode": "batch", "score_batch": 16, "round_to": 8})
+    result = train_ast.main(cfg)["t"]
+    assert result["steps"] > 0 and 0.0 <= result["top1"] <= 1.0
+    assert result["skipped_files"] >= 1  # the truncated file: skipped, counted, training went on
