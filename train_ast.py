@@ -277,7 +277,8 @@ def train(cfg, info, run_dir, reference=None):
 
     # ---- resume
     counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "forward_samples": 0, "backward_samples": 0,
-                "score_forward_samples": 0, "offered_samples": 0, "train_seconds": 0.0, "energy_j": 0.0, "counts": [], "curve": []}
+                "score_forward_samples": 0, "offered_samples": 0, "train_seconds": 0.0, "energy_j": 0.0,
+                "counts": [], "curve": []}
     ckpt_dir = run_dir / "checkpoints"
     resume_path = checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
     if resume_path is not None:
@@ -287,9 +288,13 @@ def train(cfg, info, run_dir, reference=None):
         step_fn.load_state_dict(state["loop"])
         controller.load_state_dict(state["controller"])
         scores.copy_(state["scores"])
-        gen.set_state(state["generator"].cpu())
         counters.update(state["counters"])
-        checkpoint.restore_rng(state["rng"])
+        if info.rank == 0:
+            gen.set_state(state["generator"].cpu())
+            checkpoint.restore_rng(state["rng"])
+        else:  # the checkpoint holds rank 0's random state; the other ranks derive theirs from the step
+            dist.seed_everything(cfg.run.seed + info.rank + 1_000_003 * counters["step"])
+            gen.manual_seed(cfg.run.seed + 17 * info.rank + 1_000_003 * counters["step"])
         say(f"[{run_dir.name}] resumed from {resume_path} at step {counters['step']} "
             f"(epoch {counters['epoch']}, batch {counters['batch_in_epoch']})")
 
@@ -344,6 +349,7 @@ def train(cfg, info, run_dir, reference=None):
             bar = tqdm(total=len(data.train) + counters["batch_in_epoch"], initial=counters["batch_in_epoch"],
                        desc=f"{run_dir.name} epoch {epoch}", disable=not main_rank, leave=False, mininterval=2)
             for x, y, idx in data.train:
+                scored_here = False  # did a scoring forward at the training resolution see this batch?
                 if batch_like and epoch < ast.warmup_epochs:
                     counters["counts"].append(x.shape[0])  # warm-up: the whole batch, no scoring forward
                     offered = x.shape[0]
@@ -352,6 +358,7 @@ def train(cfg, info, run_dir, reference=None):
                     x, y, idx, offered, scored = select_batch(cfg, model, raw_model, x, y, idx, controller, gen,
                                                      step_fn, capture, task, match_counts, counters)
                     counters["score_forward_samples"] += scored
+                    scored_here = scored > 0 and ast.score_resolution in (0, x.shape[-1])
                     w = None
                 if batch_like:
                     counters["offered_samples"] += offered
@@ -360,8 +367,7 @@ def train(cfg, info, run_dir, reference=None):
                     w = weights[idx] if weights is not None else None
                 # batch mode scoring at the training resolution already updated the running BN statistics
                 # from the whole batch; the subset forward then leaves them alone (see select_batch)
-                subset_bn = 0.0 if mode == "batch" and ast.score_resolution in (0, x.shape[-1]) else None
-                with bn_momentum(raw_model, subset_bn):
+                with bn_momentum(raw_model, 0.0 if scored_here else None):
                     out = step_fn(x, (y, idx), forward_loss, weights=w)
                 counters["step"] += 1
                 counters["batch_in_epoch"] += 1

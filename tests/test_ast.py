@@ -195,3 +195,21 @@ def test_imagefolder_of_real_jpegs_trains_with_bad_files_counted(tmp_path):
     result = train_ast.main(cfg)["t"]
     assert result["steps"] > 0 and 0.0 <= result["top1"] <= 1.0
     assert result["skipped_files"] >= 1  # the truncated file: skipped, counted, training went on
+
+
+def test_batchnorm_running_stats_follow_the_stated_policy(tmp_path, monkeypatch):
+    """Warm-up steps update BN running stats; sparse steps update them once, from the scoring forward."""
+    updates = []
+    real_step = train_ast.TrainStep.__call__
+
+    def spy(self, inputs, *args, **kwargs):
+        bn = train_ast.checkpoint.unwrap(self.model).stem[1]
+        before = bn.num_batches_tracked.item(), bn.running_mean.clone()
+        out = real_step(self, inputs, *args, **kwargs)
+        updates.append((bn.num_batches_tracked.item() - before[0], not torch.equal(before[1], bn.running_mean)))
+        return out
+    monkeypatch.setattr(train_ast.TrainStep, "__call__", spy)
+    train_ast.main(tiny(tmp_path, run={"epochs": 2}, ast={"mode": "batch", "warmup_epochs": 1}))
+    warm, sparse = updates[:11], updates[11:]
+    assert all(changed for _, changed in warm)      # warm-up: the training forward updates the statistics
+    assert not any(changed for _, changed in sparse)  # sparse: the subset forward leaves them (momentum 0)
