@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from lib import jpeg
 from lib.config import ConfigError
+from lib.dist import shard_positions
 
 NAMES = ("synthetic", "digits", "cifar10", "cifar100", "imagefolder", "npz")
 LOADERS = ("auto", "resident", "dataloader", "jpeg")
@@ -322,12 +323,7 @@ class _LoaderBase:
         extras = self._draw_epoch_augment(g, len(order))
         n = len(order)
         if self.world_size > 1:
-            if self.train:
-                keep = torch.arange(n // self.world_size * self.world_size)
-            else:
-                padded = -(-n // self.world_size) * self.world_size
-                keep = torch.arange(padded) % max(n, 1)
-            keep = keep[self.rank::self.world_size]
+            keep = shard_positions(n, self.rank, self.world_size, pad=not self.train)
             order = order[keep]
             extras = {k: v[keep] for k, v in extras.items()}
         self._order = order

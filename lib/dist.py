@@ -106,33 +106,18 @@ def broadcast_object(obj, src=0):
     return holder[0]
 
 
-class ResumableDistributedSampler(torch.utils.data.Sampler):
-    """Shuffled, rank-sharded indices that can start mid-epoch: set_epoch(epoch, start_index)."""
+def shard_positions(n, rank, world_size, pad):
+    """Positions of this rank's interleaved share of an epoch's n-sample order, equal counts on every rank.
 
-    def __init__(self, num_samples, rank=0, world_size=1, shuffle=True, seed=0, drop_last=True):
-        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.epoch, self.start_index = 0, 0
-        self.indices = None  # optional subset of dataset indices for this epoch
-
-    def set_epoch(self, epoch, start_index=0, indices=None):
-        """Choose the epoch (shuffle seed), skip this rank's first `start_index` samples, optional subset."""
-        self.epoch, self.start_index = epoch, start_index
-        self.indices = None if indices is None else torch.as_tensor(indices, dtype=torch.long).cpu()
-
-    def _rank_indices(self):
-        pool = torch.arange(self.num_samples) if self.indices is None else self.indices
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            pool = pool[torch.randperm(len(pool), generator=g)]
-        per_rank = len(pool) // self.world_size if self.drop_last else -(-len(pool) // self.world_size)
-        if not self.drop_last and per_rank * self.world_size > len(pool):
-            pad = per_rank * self.world_size - len(pool)
-            pool = torch.cat([pool, pool[:pad]])  # pad by repeating, as DistributedSampler does
-        return pool[self.rank * per_rank:(self.rank + 1) * per_rank]
-
-    def __iter__(self):
-        return iter(self._rank_indices()[self.start_index:].tolist())
-
-    def __len__(self):
-        return max(0, len(self._rank_indices()) - self.start_index)
+    Interleaving (rank, rank + W, ...) makes each global batch of B x W samples the same set a single
+    process would see in its batch of B x W, so 1 and N GPUs train on the same global batches. The
+    remainder is dropped (training) or padded by wrapping around (evaluation). Resuming mid-epoch is the
+    loaders' start_batch: the order is a function of (seed, epoch), so skipping batches needs no state.
+    """
+    if world_size == 1:
+        return torch.arange(n)
+    if pad:
+        keep = torch.arange(-(-n // world_size) * world_size) % max(n, 1)
+    else:
+        keep = torch.arange(n // world_size * world_size)
+    return keep[rank::world_size]

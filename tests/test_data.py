@@ -326,3 +326,20 @@ def test_gpu_jpeg_path_matches_cpu_path(tmp_path, subsampling, tolerance):
             assert ((xa.cpu() - xc).abs() * std255).mean() < tolerance
     assert gpu.train.fallback == cpu.train.fallback == {"grayscale": 1, "cmyk": 1}
     assert gpu.train.skipped == cpu.train.skipped == 1
+
+
+def test_rank_shards_rebuild_the_single_process_global_batches():
+    """Interleaved shards: the union of the ranks' batch b is the single-process batch b of the global size."""
+    from lib.data import DataConfig, build_data
+    cfg = DataConfig(name="synthetic", image_size=8, train_samples=96, test_samples=16, loader="resident",
+                     augment=False)
+    single = build_data(cfg, "cpu", batch_size=24, seed=3)
+    single.train.set_epoch(2)
+    want = [idx.tolist() for _, _, idx in single.train]
+    shards = []
+    for rank in range(3):
+        data = build_data(cfg, "cpu", batch_size=8, seed=3, rank=rank, world_size=3)
+        data.train.set_epoch(2)
+        shards.append([idx.tolist() for _, _, idx in data.train])
+    for b, batch in enumerate(want):
+        assert sorted(sum((s[b] for s in shards), [])) == sorted(batch)

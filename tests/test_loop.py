@@ -184,3 +184,16 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     ddp_state = torch.load(out, weights_only=True)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpointed_blocks_give_the_same_gradients_as_plain_backward():
+    from lib.loop import apply_activation_checkpointing
+    plain, ckpt = make_model(), make_model()
+    apply_activation_checkpointing(ckpt, ["0", "2"])
+    x, y = data()
+    for m in (plain, ckpt):
+        ce(m, x, y).mean().backward()
+    for p, q in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(ConfigError, match="no submodule 'O'"):
+        apply_activation_checkpointing(make_model(), ["O"])
