@@ -46,7 +46,7 @@ from lib.memory import find_micro_batch, plan_accumulation
 from lib.models import ModelConfig, build_model
 from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, per_sample_loss,
                            significance)
-from lib.storage import format_report, storage_report
+from lib.storage import format_report, run_report
 
 MODES = ("full", "batch", "epoch", "random", "budget")
 
@@ -644,7 +644,7 @@ def main(cfg):
             results = {cfg.run.name: train(cfg, info, Path(cfg.run.out_dir) / cfg.run.name)}
         if dist.is_main():
             root = Path(cfg.run.out_dir) / cfg.run.name
-            print(format_report(storage_report({"run folder": root})))
+            print(format_report(run_report(root)))
         return results
     finally:
         dist.cleanup()

@@ -475,6 +475,22 @@ def storage_report(paths: dict[str, Path]) -> dict[str, int]:
     return {category: _tree_bytes(Path(p)) for category, p in paths.items()}
 
 
+_RUN_CATEGORIES = {".jsonl": "metrics", ".json": "metrics", ".csv": "metrics", ".yaml": "config", ".md": "reports",
+                   ".png": "plots"}
+
+
+def run_report(run_dir) -> dict[str, int]:
+    """Bytes per category inside one run folder: checkpoints, metrics, config, reports, plots, other."""
+    report = {}
+    for path in sorted(Path(run_dir).rglob("*")):
+        if not path.is_file():
+            continue
+        in_checkpoints = "checkpoints" in path.relative_to(run_dir).parts
+        category = "checkpoints" if in_checkpoints else _RUN_CATEGORIES.get(path.suffix, "other")
+        report[category] = report.get(category, 0) + path.stat().st_size
+    return report
+
+
 def format_report(report: dict[str, int]) -> str:
     """One line such as 'checkpoints 1.2 GB | metrics 3.1 KB | total 1.2 GB'."""
     parts = [f"{category} {format_bytes(n)}" for category, n in report.items()]

@@ -192,3 +192,17 @@ def test_keep_last_by_step_then_mtime(tmp_path):
     assert [p.name for p in storage.keep_last(tmp_path, "*.log", 1)] == ["b.log", "a.log"]
     with pytest.raises(ValueError):
         storage.keep_last(tmp_path, "../*", 1)
+
+
+def test_run_report_counts_each_file_once(tmp_path):
+    from lib.storage import run_report
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "checkpoints" / "step-000001" / "state.pt").write_bytes(b"x" * 1000)
+    (run / "sub").mkdir()
+    (run / "sub" / "metrics.jsonl").write_bytes(b"y" * 30)
+    (run / "config.yaml").write_bytes(b"z" * 7)
+    (run / "acc.png").write_bytes(b"p" * 5)
+    report = run_report(run)
+    assert report == {"checkpoints": 1000, "metrics": 30, "config": 7, "plots": 5}
+    assert sum(report.values()) == sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
