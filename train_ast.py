@@ -396,9 +396,7 @@ def train(cfg, info, run_dir, reference=None):
                     break
                 if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
                     save_checkpoint()
-                # every rank must stop at the same step: under torchrun the flag is combined at log steps
-                if preempt.sync_requested(device) if info.distributed and step % cfg.loop.log_every == 0 \
-                        else preempt.requested and not info.distributed:
+                if preempt.stop_now(step, cfg.loop.log_every, device):
                     break
             else:
                 counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0  # the loader ran out: epoch done

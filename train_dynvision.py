@@ -304,15 +304,14 @@ def main(cfg):
                     break
                 if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
                     save_checkpoint()
-                if preempt.sync_requested(device) if info.distributed and step % cfg.loop.log_every == 0 \
-                        else preempt.requested and not info.distributed:
+                if preempt.stop_now(step, cfg.loop.log_every, device):
                     break
             else:
                 counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
             counters["train_seconds"] += time.perf_counter() - t0
             if done and counters["batch_in_epoch"]:
                 counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
-            if preempt.requested and not done:
+            if (preempt.sync_requested(device) if info.distributed else preempt.requested) and not done:
                 save_checkpoint()
                 say("[dynvision] preempted: checkpoint written, exiting")
                 metrics.close()

@@ -420,7 +420,16 @@ class PreemptionHandler:
             return self._requested
         flag = torch.tensor([1.0 if self._requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self._requested = bool(flag.item())  # once combined, every rank holds the same decision
+        return self._requested
+
+    def stop_now(self, step, every, device=None) -> bool:
+        """At a step boundary: should the run checkpoint and exit? Under torchrun the flag is combined over
+        ranks every `every` steps (a collective), so all ranks stop at the same step; alone, at once."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return step % every == 0 and self.sync_requested(device)
+        return self._requested
 
     def restore(self):
         """Put back the handlers that were installed before this one."""

@@ -287,3 +287,13 @@ def test_free_space_checked_before_writing(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
     assert ckpt.latest(tmp_path).name == "step-000001"
+
+
+def test_stop_now_without_process_group_follows_the_signal():
+    import os
+    import signal
+    from lib.checkpoint import PreemptionHandler
+    with PreemptionHandler() as preempt:
+        assert not preempt.stop_now(step=7, every=5)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preempt.stop_now(step=7, every=5)  # one process: at the next step, not the next log step
