@@ -1,21 +1,15 @@
 """train_ast.py under two gloo processes: both modes run to the end, ranks agree, rank 0 writes."""
 import json
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.dist_env import free_port, set_rank_env
 
 
 def _worker(rank, world, port, out_dir, mode):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    set_rank_env(rank, world, port)
     import train_ast
     from lib.config import merge
     extra = {"warmup_epochs": 1, "final_full_fraction": 0.0, "explore_rate": 0.05} if mode == "epoch" else {}
@@ -32,7 +26,7 @@ def _worker(rank, world, port, out_dir, mode):
 
 @pytest.mark.parametrize("mode", ["batch", "epoch"])
 def test_two_ranks_run_and_agree(tmp_path, mode):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # same number of steps; the test accuracy is summed over ranks, so it is the same too
     assert r0["steps"] > 0 and (tmp_path / mode / "result.json").is_file()

@@ -1,7 +1,5 @@
 """lib/loop.py: accumulation, OOM recovery, LR schedule, non-finite policy, DDP equivalence."""
 import copy
-import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 from lib.config import ConfigError
 from lib.loop import (LoopConfig, NonFiniteLossError, OptimConfig, TrainStep, build_optimizer, check_micro_batch,
                       lr_at, per_rank_batch, split_sizes)
+from tests.dist_env import free_port, set_rank_env
 
 
 def make_model(seed=0):
@@ -146,15 +145,8 @@ def test_nonfinite_step_is_skipped_and_counted_then_stops():
         step(x, y, fl)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, steps, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    set_rank_env(rank, world, port)
     from lib import dist
     info = dist.setup(seed=0, device="cpu")
     model = make_model()
@@ -173,7 +165,7 @@ def _ddp_worker(rank, world, port, steps, out_path):
 def test_two_gloo_processes_equal_one_process(tmp_path):
     steps = 3
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), steps, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), steps, str(out)), nprocs=2, join=True)
     model = make_model()
     optim = OptimConfig(lr=0.1, weight_decay=1e-3, schedule="cosine", warmup_steps=1)
     loop = LoopConfig(precision="fp32", global_batch=16, log_every=1)
