@@ -23,7 +23,6 @@ Modes (ast.mode):
           sample counts of another compare run).
   budget  full data, training cut to the backward-sample budget of another run (`budget_of`).
 """
-import copy
 import csv
 import json
 import math
@@ -283,17 +282,12 @@ def train(cfg, info, run_dir, reference=None):
     resume_path = checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
     if resume_path is not None:
         state = checkpoint.load(resume_path, map_location=device)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step_fn.load_state_dict(state["loop"])
+        checkpoint.restore_training(state, model, optimizer, step_fn, counters, info.rank, cfg.run.seed)
         controller.load_state_dict(state["controller"])
         scores.copy_(state["scores"])
-        counters.update(state["counters"])
         if info.rank == 0:
             gen.set_state(state["generator"].cpu())
-            checkpoint.restore_rng(state["rng"])
-        else:  # the checkpoint holds rank 0's random state; the other ranks derive theirs from the step
-            dist.seed_everything(cfg.run.seed + info.rank + 1_000_003 * counters["step"])
+        else:  # the checkpoint holds rank 0's generator; the other ranks derive theirs from the step
             gen.manual_seed(cfg.run.seed + 17 * info.rank + 1_000_003 * counters["step"])
         say(f"[{run_dir.name}] resumed from {resume_path} at step {counters['step']} "
             f"(epoch {counters['epoch']}, batch {counters['batch_in_epoch']})")
@@ -301,12 +295,9 @@ def train(cfg, info, run_dir, reference=None):
     def save_checkpoint():
         if not main_rank:
             return
-        checkpoint.save(ckpt_dir, counters["step"], {
-            "model": checkpoint.model_state(model), "optimizer": optimizer.state_dict(),
-            "loop": step_fn.state_dict(), "controller": controller.state_dict(), "scores": scores,
-            "generator": gen.get_state(), "counters": copy.deepcopy(counters), "config": to_dict(cfg),
-            "step": counters["step"], "epoch": counters["epoch"],
-            "batch_in_epoch": counters["batch_in_epoch"]}, keep=cfg.run.keep_checkpoints)
+        checkpoint.save(ckpt_dir, counters["step"], checkpoint.training_state(
+            model, optimizer, step_fn, counters, to_dict(cfg), controller=controller.state_dict(), scores=scores,
+            generator=gen.get_state()), keep=cfg.run.keep_checkpoints)
 
     # ---- the loss of one micro-batch; epoch mode records each sample's score as it trains
     def forward_loss(model_, inputs, targets):

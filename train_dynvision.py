@@ -256,19 +256,13 @@ def main(cfg):
     resume_path = checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
     if resume_path is not None:
         state = checkpoint.load(resume_path, map_location=device)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step_fn.load_state_dict(state["loop"])
-        counters.update(state["counters"])
-        checkpoint.restore_rng(state["rng"])
+        checkpoint.restore_training(state, model, optimizer, step_fn, counters, info.rank, cfg.run.seed)
         say(f"[dynvision] resumed from {resume_path} at step {counters['step']}")
 
     def save_checkpoint():
         if dist.is_main():
-            checkpoint.save(ckpt_dir, counters["step"], {
-                "model": checkpoint.model_state(model), "optimizer": optimizer.state_dict(),
-                "loop": step_fn.state_dict(), "counters": dict(counters), "config": to_dict(cfg),
-                "step": counters["step"]}, keep=cfg.run.keep_checkpoints)
+            checkpoint.save(ckpt_dir, counters["step"], checkpoint.training_state(
+                model, optimizer, step_fn, counters, to_dict(cfg)), keep=cfg.run.keep_checkpoints)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
     throughput = Throughput(device)

@@ -379,6 +379,28 @@ def resolve_resume(resume: str, ckpt_dir) -> Path | None:
     return path
 
 
+def training_state(model, optimizer, step_fn, counters, config, **extra):
+    """What a training script checkpoints: unwrapped model, optimizer, loop state, counters, config (plain data)."""
+    import copy
+    return {"model": model_state(model), "optimizer": optimizer.state_dict(), "loop": step_fn.state_dict(),
+            "counters": copy.deepcopy(counters), "config": config, "step": counters["step"],
+            "epoch": counters.get("epoch", 0), "batch_in_epoch": counters.get("batch_in_epoch", 0), **extra}
+
+
+def restore_training(state, model, optimizer, step_fn, counters, rank=0, seed=0):
+    """Load what training_state saved. The checkpoint holds rank 0's RNG state: rank 0 restores it, the other
+    ranks re-derive theirs from (seed, rank, step) so they do not all draw the same numbers."""
+    from lib.dist import seed_everything
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    step_fn.load_state_dict(state["loop"])
+    counters.update(state["counters"])
+    if rank == 0:
+        restore_rng(state["rng"])
+    else:
+        seed_everything(seed + rank + 1_000_003 * counters["step"])
+
+
 # ---------------------------------------------------------------- preemption
 
 class PreemptionHandler:

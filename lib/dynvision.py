@@ -108,7 +108,7 @@ class ModelConfig:
             raise ConfigError(f"model.feedback_delay_steps must be >= 1 (feedback from a later area of the same "
                               f"step is not computable), got {self.feedback_delay()}")
         if self.residual_timesteps < -1:
-            raise ConfigError(f"model.residual_timesteps must be >= 0, or -1 to derive it from the delays")
+            raise ConfigError("model.residual_timesteps must be >= 0, or -1 to derive it from the delays")
         if len(self.update_every) != 4 or min(self.update_every) < 1:
             raise ConfigError(f"model.update_every must list 4 integers >= 1 (one per area), got {self.update_every}")
         for name, every in zip(AREAS, self.update_every):

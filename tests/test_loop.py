@@ -148,7 +148,7 @@ def test_nonfinite_step_is_skipped_and_counted_then_stops():
 def _ddp_worker(rank, world, port, steps, out_path):
     set_rank_env(rank, world, port)
     from lib import dist
-    info = dist.setup(seed=0, device="cpu")
+    dist.setup(seed=0, device="cpu")
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     optim = OptimConfig(lr=0.1, weight_decay=1e-3, schedule="cosine", warmup_steps=1)
