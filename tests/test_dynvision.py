@@ -411,3 +411,39 @@ def test_fused_scan_kernels_match_torch_ops_in_the_triton_interpreter():
                           env={**__import__("os").environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_training_resumed_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
+    """Stop at step 7 with SIGTERM (checkpoint at the step boundary), resume: same weights as one run."""
+    import os
+    import signal
+    from pathlib import Path
+
+    import train_dynvision
+    from lib import checkpoint
+    from lib.config import parse
+
+    def cfg(name):
+        return parse(train_dynvision.Config(), [
+            "--config", str(Path(__file__).resolve().parent.parent / "configs/dynvision_debug.yaml"),
+            f"--run.out_dir={tmp_path}", f"--run.name={name}", "--run.resume=auto", "--run.epochs=1",
+            "--run.max_steps=12", "--loop.log_every=1"])
+
+    train_dynvision.main(cfg("ref"))
+    real_step = train_dynvision.TrainStep.__call__
+
+    def step_then_signal(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        if self.step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(train_dynvision.TrainStep, "__call__", step_then_signal)
+    assert train_dynvision.main(cfg("run")) is None  # preempted: checkpoint written, clean return
+    monkeypatch.setattr(train_dynvision.TrainStep, "__call__", real_step)
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step-000007"
+    train_dynvision.main(cfg("run"))
+    ref = checkpoint.load(checkpoint.latest(tmp_path / "ref" / "checkpoints"))
+    got = checkpoint.load(checkpoint.latest(tmp_path / "run" / "checkpoints"))
+    assert got["step"] == ref["step"] == 12
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
