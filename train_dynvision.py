@@ -34,10 +34,10 @@ from lib.config import ConfigError, parse, to_dict, write_run_info
 from lib.data import DataConfig, build_data
 from lib.dynvision import (AREAS, DyRCNN, LossConfig, MemoryConfig, ModelConfig, accuracy_per_step, check_schedule,
                            count_params, stream_backward, strategy_forward, timestep_loss)
-from lib.loop import (LoopConfig, MetricsLog, OptimConfig, Throughput, TrainStep, build_optimizer,
+from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep, build_optimizer,
                       check_micro_batch, per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
-from lib.storage import format_report, run_report
+from lib.storage import StorageError, format_report, run_report
 
 
 # ----------------------------------------------------------------------------- config
@@ -333,9 +333,16 @@ def main(cfg):
     return summary
 
 
+# errors whose message says what to fix (bad config, missing data or checkpoint, full disk, diverged loss)
+USER_ERRORS = (ConfigError, FileNotFoundError, checkpoint.CheckpointError, StorageError, NonFiniteLossError)
+
+
 if __name__ == "__main__":
     try:
         config = parse(Config())
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    main(config)
+    try:
+        main(config)
+    except USER_ERRORS as err:  # what the user must fix: one clear line, no traceback
+        sys.exit(f"error: {err}")
