@@ -39,8 +39,8 @@ from lib import checkpoint, dist
 from lib.config import ConfigError, merge, parse, to_dict, write_run_info
 from lib.data import DataConfig, build_data
 from lib.energy import EnergyMeter
-from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep, build_optimizer,
-                      check_micro_batch, per_rank_batch, prepare_model)
+from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep,
+                      build_optimizer, check_micro_batch, per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
 from lib.models import ModelConfig, build_model
 from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, per_sample_loss,

@@ -34,8 +34,8 @@ from lib.config import ConfigError, parse, to_dict, write_run_info
 from lib.data import DataConfig, build_data
 from lib.dynvision import (AREAS, DyRCNN, LossConfig, MemoryConfig, ModelConfig, accuracy_per_step, check_schedule,
                            count_params, stream_backward, strategy_forward, timestep_loss)
-from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep, build_optimizer,
-                      check_micro_batch, per_rank_batch, prepare_model)
+from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep,
+                      build_optimizer, check_micro_batch, per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
 from lib.storage import StorageError, format_report, run_report
 

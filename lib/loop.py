@@ -62,7 +62,8 @@ class LoopConfig:
         if self.global_batch < 1:
             raise ConfigError(f"loop.global_batch must be >= 1, got {self.global_batch}")
         if self.micro_batch < -1:
-            raise ConfigError(f"loop.micro_batch must be >= 1, 0 (no accumulation) or -1 (auto), got {self.micro_batch}")
+            raise ConfigError(f"loop.micro_batch must be >= 1, 0 (no accumulation) or -1 (auto), "
+                              f"got {self.micro_batch}")
         if self.log_every < 1 or self.max_nonfinite_in_row < 1:
             raise ConfigError("loop.log_every and loop.max_nonfinite_in_row must be >= 1")
 
