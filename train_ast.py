@@ -128,11 +128,16 @@ def say(*args):
         tqdm.write(" ".join(str(a) for a in args))
 
 
-class bn_momentum:
-    """Temporarily set every BatchNorm's momentum (0 keeps running statistics unchanged; None: no change)."""
+def batchnorm_layers(model):
+    """The model's BatchNorm layers (collected once: the momentum switch below runs twice per step)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
-    def __init__(self, model, momentum):
-        self.layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+class bn_momentum:
+    """Temporarily set the given BatchNorm layers' momentum (0 keeps running statistics unchanged; None: no change)."""
+
+    def __init__(self, layers, momentum):
+        self.layers = layers
         self.momentum = momentum
 
     def __enter__(self):
@@ -170,14 +175,22 @@ def evaluate(model, loader, autocast, task):
     return {"mse": c1 / max(n, 1)}
 
 
+def epoch_size(cfg, epoch, num_train, count=None):
+    """Samples epoch mode trains on in `epoch`: all of them in the warm-up and final epochs, else the kept
+    share (`count` copies another run's number); None means all data."""
+    final_full = math.ceil(cfg.ast.final_full_fraction * cfg.run.epochs)
+    if epoch < cfg.ast.warmup_epochs or epoch >= cfg.run.epochs - final_full:
+        return None
+    return count if count is not None else max(1, round(cfg.ast.controller.target_rate * num_train))
+
+
 def plan_epoch(cfg, epoch, scores, num_train, count=None):
     """Epoch-mode sample plan: (indices or None for all data, per-sample weights or None, threshold)."""
-    ast, total_epochs = cfg.ast, cfg.run.epochs
-    final_full = math.ceil(cfg.ast.final_full_fraction * total_epochs)
-    if epoch < ast.warmup_epochs or epoch >= total_epochs - final_full:
+    ast = cfg.ast
+    n_keep = epoch_size(cfg, epoch, num_train, count)
+    if n_keep is None:
         return None, None, float("nan")
     g = torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch)
-    n_keep = count if count is not None else max(1, round(ast.controller.target_rate * num_train))
     if ast.mode == "random":
         return torch.randperm(num_train, generator=g)[:n_keep], None, float("nan")
     # The threshold is the exact quantile of the last-seen scores (all known here), so the rate is held
@@ -232,18 +245,15 @@ def train(cfg, info, run_dir, reference=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = build_optimizer(raw_model, cfg.optim, device)
     capture = FeatureCapture(raw_model) if ast.score == "loss_gradnorm" else None
+    bn_layers = batchnorm_layers(raw_model)
 
     # optimizer steps: the LR schedule is a pure function of the step, so it needs the total up front
     n = data.num_train
     n_rank = lambda count: (count // info.world_size) // loader_batch  # batches a rank gets from `count` samples
     match_counts = reference.get(ast.match, {}).get("counts") if ast.match else None
     if epoch_like:
-        steps_per_epoch = []
-        for e in range(cfg.run.epochs):
-            plan_idx, _, _ = plan_epoch(cfg, e, torch.zeros(n), n,
-                                        count=match_counts[e] if match_counts else None)
-            steps_per_epoch.append(n_rank(n if plan_idx is None else len(plan_idx)))
-        total_steps = sum(steps_per_epoch)
+        sizes = [epoch_size(cfg, e, n, match_counts[e] if match_counts else None) for e in range(cfg.run.epochs)]
+        total_steps = sum(n_rank(n if size is None else size) for size in sizes)
     else:
         total_steps = cfg.run.epochs * n_rank(n)
     if mode == "budget":
@@ -275,7 +285,7 @@ def train(cfg, info, run_dir, reference=None):
         f"ranks={info.world_size} precision={step_fn.dtype or 'fp32'} device={device}")
 
     # ---- resume
-    counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "forward_samples": 0, "backward_samples": 0,
+    counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "backward_samples": 0,
                 "score_forward_samples": 0, "offered_samples": 0, "train_seconds": 0.0, "energy_j": 0.0,
                 "counts": [], "curve": []}
     ckpt_dir = run_dir / "checkpoints"
@@ -346,7 +356,7 @@ def train(cfg, info, run_dir, reference=None):
                     offered = x.shape[0]
                     w = None
                 elif batch_like:
-                    x, y, idx, offered, scored = select_batch(cfg, model, raw_model, x, y, idx, controller, gen,
+                    x, y, idx, offered, scored = select_batch(cfg, model, bn_layers, x, y, idx, controller, gen,
                                                      step_fn, capture, task, match_counts, counters)
                     counters["score_forward_samples"] += scored
                     scored_here = scored > 0 and ast.score_resolution in (0, x.shape[-1])
@@ -358,11 +368,10 @@ def train(cfg, info, run_dir, reference=None):
                     w = weights[idx] if weights is not None else None
                 # batch mode scoring at the training resolution already updated the running BN statistics
                 # from the whole batch; the subset forward then leaves them alone (see select_batch)
-                with bn_momentum(raw_model, 0.0 if scored_here else None):
+                with bn_momentum(bn_layers, 0.0 if scored_here else None):
                     out = step_fn(x, (y, idx), forward_loss, weights=w)
                 counters["step"] += 1
                 counters["batch_in_epoch"] += 1
-                counters["forward_samples"] += out.samples
                 counters["backward_samples"] += out.samples
                 window["selected"] += out.samples
                 window["loss"] += out.loss
@@ -422,7 +431,8 @@ def train(cfg, info, run_dir, reference=None):
     summary = {
         "name": run_dir.name, "mode": mode, "steps": counters["step"], "num_classes": data.num_classes,
         "train_seconds": counters["train_seconds"], "energy_j": counters["energy_j"],
-        "forward_samples": counters["forward_samples"] + scored, "backward_samples": counters["backward_samples"],
+        # every trained sample had one training forward; batch mode adds its scoring forward
+        "forward_samples": counters["backward_samples"] + scored, "backward_samples": counters["backward_samples"],
         "score_forward_samples": scored,
         # backward samples over samples offered: loader samples in batch mode, data x epochs in epoch mode
         "activation_rate": counters["backward_samples"] / max(1, counters["offered_samples"] if batch_like else
@@ -437,7 +447,7 @@ def train(cfg, info, run_dir, reference=None):
     return summary
 
 
-def select_batch(cfg, model, raw_model, x, y, idx, controller, gen, step_fn, capture, task, match_counts,
+def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, capture, task, match_counts,
                  counters):
     """Batch mode: score the batch without grad, pick the subset; returns it gathered, offered and scored counts."""
     ast = cfg.ast
@@ -453,7 +463,7 @@ def select_batch(cfg, model, raw_model, x, y, idx, controller, gen, step_fn, cap
         same_res = ast.score_resolution in (0, x.shape[-1])
         # Running BN statistics come from the full scoring batch when it runs at the training resolution
         # (unbiased), else from the trained subset; the other forward leaves them unchanged (momentum 0).
-        with torch.no_grad(), step_fn.autocast(), bn_momentum(raw_model, None if same_res else 0.0):
+        with torch.no_grad(), step_fn.autocast(), bn_momentum(bn_layers, None if same_res else 0.0):
             xs = x if same_res else F.interpolate(x, size=ast.score_resolution, mode="bilinear",
                                                   align_corners=False)
             outputs = model(xs)

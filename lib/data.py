@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from lib import jpeg
 from lib.config import ConfigError
-from lib.dist import shard_positions
+from lib.dist import barrier, shard_positions
 
 NAMES = ("synthetic", "digits", "cifar10", "cifar100", "imagefolder", "npz")
 LOADERS = ("auto", "resident", "dataloader", "jpeg")
@@ -184,7 +184,7 @@ def _cifar(cfg, rank, world_size):
     if cfg.download and distributed:  # one rank downloads, the others wait and then read
         if rank == 0:
             load(True, True)
-        torch.distributed.barrier()
+        barrier()
     download = cfg.download and not distributed
     sets = [load(True, download), load(False, False)]
     out = []

@@ -68,8 +68,6 @@ def rank():
     return torch_dist.get_rank() if is_dist() else 0
 
 
-def world_size():
-    return torch_dist.get_world_size() if is_dist() else 1
 
 
 def is_main():
@@ -97,13 +95,6 @@ def all_reduce_mean(tensor):
     return tensor
 
 
-def broadcast_object(obj, src=0):
-    """Send a picklable python object from `src` to every rank (used for small control data)."""
-    if not is_dist():
-        return obj
-    holder = [obj]
-    torch_dist.broadcast_object_list(holder, src=src)
-    return holder[0]
 
 
 def shard_positions(n, rank, world_size, pad):

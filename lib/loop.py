@@ -249,10 +249,10 @@ class TrainStep:
                 self._recover_from_oom(inputs.shape[0])
         self.scaler.unscale_(self.optimizer)
         clip = self.optim_cfg.clip_grad_norm
-        grads = [p.grad for p in self.params if p.grad is not None]
         if clip > 0:
             grad_norm = nn.utils.clip_grad_norm_(self.params, clip)
         else:
+            grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         bad = ~torch.isfinite(loss_sum)
         if self.dtype != torch.float16:  # in fp16, inf gradients are the scaler's normal business
