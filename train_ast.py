@@ -75,7 +75,8 @@ class ASTConfig:
     score_resolution: int = 0       # px of the scoring forward (0 = training resolution; lower = cheaper)
     round_to: int = 32              # trained subset rounded up to a multiple with the next-highest scores: few
                                     # distinct shapes, each autotuned once by cuDNN (measured on an H100: every
-                                    # new size costs 2-10 s of autotuning; heuristics instead ran ~2x slower)
+                                    # new size costs 2-10 s of autotuning; with heuristics instead, a ~100-sample
+                                    # step took as long as a 256-sample one)
     # batch + epoch modes
     warmup_epochs: int = 1          # batch + epoch modes: first epochs on all data (hard-sample selection from
                                     # step 0 destabilizes training; epoch mode also needs every sample scored)
