@@ -5,8 +5,11 @@
   pipeline   lib.data ImageFolderLoader(decode="gpu") alone, no model: images/s
   resident   (a) ResNet-50 train steps (224 px, bf16 autocast, channels_last, SGD) on tensors already on the GPU
   standard   (b) the same steps fed by torchvision ImageFolder + DataLoader + PIL transforms, a worker per core
-  new        (c) the same steps fed by the GPU JPEG pipeline
-  (--compile=true adds (a) and (c) with torch.compile; the summary's ratios are the eager ones)
+  new        (c) the same steps fed by the GPU JPEG pipeline, once per cpu_decode_fractions entry (the share of
+             each batch the workers decode with PIL instead of nvJPEG); the summary's new_* numbers are the
+             fastest entry's, and it names that fraction
+  profile    (--profile=true) GPU kernel time per CUDA stream during (c) at the first fraction
+  (--compile=true adds (a) and (c) at the best fraction with torch.compile; the summary's ratios are eager)
 
     python bench/data_pipeline.py                         # GPU machine: 100 classes x 100 JPEGs, batch 256
     python bench/data_pipeline.py --compile=true          # + compiled model
@@ -50,7 +53,12 @@ class BenchConfig:
     jpeg_workers: list[int] = field(default_factory=lambda: [6, 12])  # (c) worker counts to try (pipeline
                                     # alone); (c) uses the fastest. Workers only read files and parse headers
     prefetch: int = 2               # (c): batches each worker reads ahead and GPU batches decoded ahead
-    cpu_decode_fraction: float = 0.0  # (c): share of each batch decoded by PIL in the workers (data config)
+    cpu_decode_fractions: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.4, 0.5])  # (c) variants:
+                                    # data.cpu_decode_fraction, the share of each batch decoded by PIL in workers
+    cpu_workers: int = 0            # (c) worker processes when that fraction is > 0; 0 = cores - 2
+    switch_intervals_ms: list[float] = field(default_factory=lambda: [0.0])  # (c) variants: the interpreter's
+                                    # thread switch interval (sys.setswitchinterval) in ms; 0 = leave it as is
+    profile: bool = False           # emit GPU kernel time per CUDA stream over a few steps of (c)
     compile: bool = False           # also time (a) and (c) with torch.compile
     time_budget_s: float = 330.0    # skip the compiled variants when the eager part took longer than this
     seed: int = 0
@@ -267,6 +275,52 @@ def time_pipeline(loader, cfg, device):
     return cfg.pipeline_batches * cfg.batch_size / (time.perf_counter() - t0), worker_rate
 
 
+def profile_streams(step, batches, device, steps=8):
+    """GPU kernel time per CUDA stream over `steps` train steps: who competes with the model for the GPU."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    if device.type != "cuda":
+        return {"skipped": "no CUDA"}
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            images, labels = next(batches)
+            step(images, labels)
+        sync(device)
+    wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    streams, decode_ms = {}, []
+    for e in events:
+        if e.get("cat") == "cpu_op" and "decode_jpeg" in e.get("name", ""):
+            decode_ms.append(e.get("dur", 0) / 1000)
+        if e.get("cat") != "kernel":
+            continue
+        s = streams.setdefault(str(e.get("args", {}).get("stream")),
+                               {"kernels": 0, "busy_ms": 0.0, "queued_ms": [], "top": {}})
+        s["kernels"] += 1
+        s["busy_ms"] += e.get("dur", 0) / 1000
+        launched = launches.get(e.get("args", {}).get("correlation"))
+        if launched is not None:  # launch call to kernel start: time spent waiting for the GPU
+            s["queued_ms"].append((e["ts"] - launched) / 1000)
+        name = e.get("name", "?")[:80]
+        s["top"][name] = s["top"].get(name, 0.0) + e.get("dur", 0) / 1000
+    for s in streams.values():
+        s["busy_ms"] = round(s["busy_ms"], 2)
+        q = sorted(s.pop("queued_ms"))
+        if q:
+            s["queued_ms_median"], s["queued_ms_max"] = round(q[len(q) // 2], 3), round(q[-1], 3)
+        s["top"] = {k: round(v, 2) for k, v in sorted(s["top"].items(), key=lambda kv: -kv[1])[:3]}
+    decode = {"calls": len(decode_ms), "mean_ms": round(sum(decode_ms) / max(1, len(decode_ms)), 2)}
+    return {"steps": steps, "wall_ms": round(wall * 1000, 1), "decode_calls": decode, "streams": streams}
+
+
 def main(cfg):
     if cfg.smoke:
         cfg.classes, cfg.train_per_class, cfg.awkward_per_kind = 4, 12, 1
@@ -283,13 +337,13 @@ def main(cfg):
     emit({"part": "env", "device": device_name, "torch": torch.__version__,
           "torchvision": __import__("torchvision").__version__, "cpus": os.cpu_count(), "workers": workers,
           "jpeg_workers": cfg.jpeg_workers,
+          "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "unset (8)"),
           "config": asdict(cfg)}, cfg.out)
     folder = make_folder(cfg, root, cfg.smoke)
     emit({"part": "dataset", **folder}, cfg.out)
 
     data_cfg = DataConfig(name="imagefolder", root=str(root), loader="jpeg", image_size=cfg.image_size,
-                          workers=cfg.jpeg_workers[0], prefetch=cfg.prefetch,
-                          cpu_decode_fraction=cfg.cpu_decode_fraction)
+                          workers=cfg.jpeg_workers[0], prefetch=cfg.prefetch)
     check_against_cpu(data_cfg, device, min(64, cfg.batch_size), cfg.out)
     time_parts(root, cfg, device, cfg.out)
 
@@ -306,47 +360,87 @@ def main(cfg):
         del data
     jpeg_workers = max(pipeline_rates, key=pipeline_rates.get)
     pipeline = pipeline_rates[jpeg_workers]
-    data = build_data(DataConfig(**{**asdict(data_cfg), "workers": jpeg_workers}), device,
-                      batch_size=cfg.batch_size, seed=cfg.seed)
-    batches = epochs_of(data.train)
+    cpu_workers = cfg.cpu_workers or max(1, (os.cpu_count() or 2) - 2)
+
+    def new_loader(fraction):
+        """(c) at one cpu_decode_fraction: nvJPEG only with the fastest worker count, else a worker per spare core."""
+        count = jpeg_workers if fraction == 0 else cpu_workers
+        data = build_data(DataConfig(**{**asdict(data_cfg), "workers": count, "cpu_decode_fraction": fraction}),
+                          device, batch_size=cfg.batch_size, seed=cfg.seed)
+        return data, count
 
     import torchvision
-    model = torchvision.models.resnet50(num_classes=data.num_classes).to(device)
+    num_classes = cfg.classes
+    model = torchvision.models.resnet50(num_classes=num_classes).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
     step = train_step_fn(model, optimizer, device)
-    results = {}
     # Loaders hold batches read ahead (workers x prefetch, + the GPU stages' queues): warm-up consumes at least
     # that many, so that the timed steps see the steady-state rate rather than a buffer filled during warm-up.
-    buffered = {"resident": 0, "standard": workers * 2, "new": jpeg_workers * cfg.prefetch + 2 * cfg.prefetch}
-    variants = (("resident", lambda: resident_batches(cfg, data.num_classes, device, True)),
-                ("standard", lambda: standard_batches(root, cfg, workers, device)),
-                ("new", lambda: batches))
-    for name, make in variants:
-        before = dict(data.train.stats)
-        rate = time_steps(step, make(), cfg.warmup_steps + buffered[name], cfg.steps, device)
-        results[name] = rate
-        record = {"part": name, "compiled": False, "img_per_s": round(rate, 1), "steps": cfg.steps,
-                  "batch_size": cfg.batch_size}
-        if name == "new":  # where the pipeline's time went during these steps (seconds, summed per thread)
-            record["stats"] = {k: round(v - before[k], 3) for k, v in data.train.stats.items()}
-        emit(record, cfg.out)
+    warmup_standard = cfg.warmup_steps + workers * 2
+
+    def warmup_new(count):
+        return cfg.warmup_steps + count * cfg.prefetch + 2 * cfg.prefetch
+
+    results = {}
+    rate = time_steps(step, resident_batches(cfg, num_classes, device, True), cfg.warmup_steps, cfg.steps, device)
+    results["resident"] = rate
+    emit({"part": "resident", "compiled": False, "img_per_s": round(rate, 1), "steps": cfg.steps,
+          "batch_size": cfg.batch_size}, cfg.out)
+    rate = time_steps(step, standard_batches(root, cfg, workers, device), warmup_standard, cfg.steps, device)
+    results["standard"] = rate
+    emit({"part": "standard", "compiled": False, "img_per_s": round(rate, 1), "steps": cfg.steps,
+          "batch_size": cfg.batch_size, "workers": workers}, cfg.out)
+    new_rates = {}
+    default_switch = sys.getswitchinterval()
+    for fraction in cfg.cpu_decode_fractions:
+        for switch_ms in cfg.switch_intervals_ms:
+            sys.setswitchinterval(switch_ms / 1000 if switch_ms > 0 else default_switch)
+            data, count = new_loader(fraction)
+            batches = epochs_of(data.train)
+            before = dict(data.train.stats)
+            rate = time_steps(step, batches, warmup_new(count), cfg.steps, device)
+            new_rates[(fraction, switch_ms)] = rate
+            # where the pipeline's time went during these steps (seconds, summed per thread)
+            emit({"part": "new", "compiled": False, "cpu_decode_fraction": fraction, "switch_interval_ms":
+                  round(sys.getswitchinterval() * 1000, 3), "jpeg_workers": count, "img_per_s": round(rate, 1),
+                  "steps": cfg.steps, "batch_size": cfg.batch_size,
+                  "stats": {k: round(v - before[k], 3) for k, v in data.train.stats.items()}}, cfg.out)
+            if cfg.profile and not new_rates.keys() - {(fraction, switch_ms)}:
+                emit({"part": "profile", "cpu_decode_fraction": fraction,
+                      **profile_streams(step, batches, device)}, cfg.out)
+            del batches, data
+    sys.setswitchinterval(default_switch)
+    best = max(new_rates, key=new_rates.get)
+    results["new"] = new_rates[best]
+    best_fraction, best_switch_ms = best
 
     summary = {"summary": True, "new_vs_resident": round(results["new"] / results["resident"], 3),
                "standard_vs_resident": round(results["standard"] / results["resident"], 3),
                "pipeline_only_img_per_s": round(pipeline, 1),
                "resident_img_per_s": round(results["resident"], 1),
-               "standard_img_per_s": round(results["standard"], 1), "new_img_per_s": round(results["new"], 1)}
+               "standard_img_per_s": round(results["standard"], 1), "new_img_per_s": round(results["new"], 1),
+               "new_cpu_decode_fraction": best_fraction, "new_switch_interval_ms": best_switch_ms,
+               "new_img_per_s_by_variant": {f"fraction={f} switch_ms={m}": round(r, 1)
+                                            for (f, m), r in new_rates.items()}}
     if cfg.compile:  # compiling takes minutes: keep the eager result on record first
         emit({"part": "summary_eager", **{k: v for k, v in summary.items() if k != "summary"}}, cfg.out)
         if time.perf_counter() - t_start < cfg.time_budget_s:
             step_c = train_step_fn(torch.compile(model), optimizer, device)
             compiled = {}
-            for name, make in (variants[0], variants[2]):
-                rate = time_steps(step_c, make(), cfg.warmup_steps + buffered[name], cfg.steps, device)
+            data, count = new_loader(best_fraction)
+            if best_switch_ms > 0:
+                sys.setswitchinterval(best_switch_ms / 1000)
+            for name, batches, warmup in (
+                    ("resident", resident_batches(cfg, num_classes, device, True), cfg.warmup_steps),
+                    ("new", epochs_of(data.train), warmup_new(count))):
+                rate = time_steps(step_c, batches, warmup, cfg.steps, device)
                 compiled[name] = rate
                 emit({"part": name, "compiled": True, "img_per_s": round(rate, 1), "steps": cfg.steps,
-                      "batch_size": cfg.batch_size}, cfg.out)
+                      "batch_size": cfg.batch_size, **({"cpu_decode_fraction": best_fraction,
+                                                        "switch_interval_ms": best_switch_ms}
+                                                       if name == "new" else {})}, cfg.out)
+            sys.setswitchinterval(default_switch)
             summary.update(compiled_new_vs_resident=round(compiled["new"] / compiled["resident"], 3),
                            compiled_resident_img_per_s=round(compiled["resident"], 1),
                            compiled_new_img_per_s=round(compiled["new"], 1))
@@ -354,7 +448,7 @@ def main(cfg):
             emit({"part": "compile_skipped", "reason": f"eager part took over time_budget_s={cfg.time_budget_s}"},
                  cfg.out)
     summary.update(batch_size=cfg.batch_size, image_size=cfg.image_size, workers=workers,
-                   jpeg_workers=jpeg_workers,
+                   jpeg_workers=jpeg_workers, cpu_workers=cpu_workers,
                    files=folder["train_files"], mean_kb=folder["mean_kb"], smoke=cfg.smoke,
                    seconds=round(time.perf_counter() - t_start, 1), device=device_name)
     emit(summary, cfg.out)

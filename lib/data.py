@@ -11,9 +11,10 @@ Three loaders, one protocol (set_epoch / iter / len / batch_size / skipped / res
                      flipped and normalized there; no worker processes.
   ArrayLoader        the same arrays through a torch DataLoader (workers, pinned memory, persistent workers).
   ImageFolderLoader  files on disk. decode="gpu" (loader=jpeg): workers read bytes; one thread decodes batches
-                     with nvJPEG, a second crops/resizes/normalizes them on the GPU, each on its own side
-                     stream, `prefetch` batches ahead of training; files nvJPEG should not get (CMYK, grayscale,
-                     progressive, PNG) are decoded by PIL in the workers, counted in `loader.fallback`.
+                     with nvJPEG, a second crops/resizes/normalizes them on the GPU, each on its own
+                     high-priority stream, `prefetch` batches ahead of training; files nvJPEG should not get
+                     (CMYK, grayscale, progressive, PNG) are decoded by PIL in the workers, counted in
+                     `loader.fallback`.
                      decode="pil" (loader=dataloader): PIL in the workers, the standard CPU path.
 Every random choice is a function of (seed, epoch, position or index), so set_epoch(e, start_batch=k) resumes
 with exactly the batches an uninterrupted run would have produced. Unreadable image files are skipped, counted
@@ -36,6 +37,16 @@ import torch.nn.functional as F
 from lib import jpeg
 from lib.config import ConfigError
 from lib.dist import barrier, shard_positions
+
+# CUDA feeds all streams of a process through CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 unless set). nvJPEG
+# decodes on about 14 streams of its own, so some share a queue with the training stream and wait behind every
+# kernel queued there: on an H100 a batch took 69 ms to decode during ResNet-50 training instead of 29 ms, and
+# new_vs_resident fell from 0.93 to 0.84 (docs/bench/data_pipeline_history/). CUDA reads the value once, when it
+# starts, so it is set here, at import, unless the user chose one.
+CUDA_CONNECTIONS = "32"
+CUDA_CONNECTIONS_SET_LATE = "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ and torch.cuda.is_initialized()
+if not CUDA_CONNECTIONS_SET_LATE:
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", CUDA_CONNECTIONS)
 
 NAMES = ("synthetic", "digits", "cifar10", "cifar100", "imagefolder", "npz")
 LOADERS = ("auto", "resident", "dataloader", "jpeg")
@@ -67,7 +78,8 @@ class DataConfig:
     channels_last: bool = True      # images in channels_last memory format
     max_skipped_fraction: float = 0.01  # imagefolder: stop when more than this fraction of files is unreadable
     cpu_decode_fraction: float = 0.0    # jpeg loader: share of each batch decoded by PIL in the workers instead
-                                        # of nvJPEG, to unload a GPU that is busy training (not yet measured)
+                                        # of nvJPEG (measured slower on an H100 at 0.25-0.5; for GPUs without
+                                        # hardware JPEG engines, where nvJPEG decodes on the SMs)
 
     def validate(self):
         if self.name not in NAMES:
@@ -536,7 +548,7 @@ class _FolderBatches(torch.utils.data.Dataset):
 
 
 class _Pipeline:
-    """Runs `stages` in threads, one thread and one CUDA side stream per stage, `depth` items ahead of the consumer.
+    """Runs `stages` in threads, one thread and one high-priority CUDA stream per stage, `depth` items ahead.
 
     stage 0 takes items from `source`; stage i > 0 takes stage i-1's results, after its stream waited for the
     previous stage's work. Stage threads release the GIL inside torch ops, so a blocking nvJPEG call in one
@@ -549,8 +561,13 @@ class _Pipeline:
         self.device, self.stats = device, stats
         self.stop = threading.Event()
         self.queues = [queue.Queue(maxsize=depth) for _ in stages]
-        cuda = device.type == "cuda"
-        self.streams = [torch.cuda.Stream(device) if cuda else None for _ in stages]
+        # High-priority streams: a training step keeps every SM busy, and this stage's small kernels would otherwise
+        # queue behind each of its kernels in turn, making a batch arrive late and the training stream wait for it.
+        streams = [None] * len(stages)
+        if device.type == "cuda":
+            highest = min(torch.cuda.Stream.priority_range())  # lower number = higher priority
+            streams = [torch.cuda.Stream(device, priority=highest) for _ in stages]
+        self.streams = streams
         self.threads = []
         for i, stage in enumerate(stages):
             inbox = None if i == 0 else self.queues[i - 1]
@@ -665,6 +682,10 @@ class ImageFolderLoader(_LoaderBase):
         self.decode = decode
         if decode == "gpu":
             import torchvision.io  # noqa: F401  (import here: a first import inside a stage thread is slow)
+            if CUDA_CONNECTIONS_SET_LATE and self.device.type == "cuda" and rank == 0:
+                print(f"[data] CUDA started before lib.data was imported, with CUDA_DEVICE_MAX_CONNECTIONS unset: "
+                      f"nvJPEG shares hardware queues with training and decodes up to 2x slower. Import lib.data "
+                      f"first or export CUDA_DEVICE_MAX_CONNECTIONS={CUDA_CONNECTIONS}", flush=True)
         self.augment = augment and train
         self.rel_paths = rel_paths
         self.root = str(root)

@@ -1,6 +1,10 @@
 """lib/data.py + lib/jpeg.py: resumed vs uninterrupted epochs, resident vs DataLoader, GPU-style vs PIL pipeline."""
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +347,14 @@ def test_rank_shards_rebuild_the_single_process_global_batches():
         shards.append([idx.tolist() for _, _, idx in data.train])
     for b, batch in enumerate(want):
         assert sorted(sum((s[b] for s in shards), [])) == sorted(batch)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "32"), ("4", "4")])
+def test_importing_data_sets_cuda_connections_unless_the_user_did(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    if preset is not None:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = preset
+    code = "import os, lib.data; print(os.environ['CUDA_DEVICE_MAX_CONNECTIONS'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == expected
