@@ -1,15 +1,17 @@
-"""Data-parallel scaling of train_ast.py through torchrun: throughput and efficiency against 1 GPU.
+"""Scaling of train_ast.py and encode_stream.py through torchrun: throughput and efficiency against 1 GPU.
 
     python bench/scaling.py                       # GPUs: 1, 2, 4, 8 (as many as the machine has)
-    python bench/scaling.py --smoke               # CPU: 1 and 2 gloo processes, tiny model
+    python bench/scaling.py --smoke               # CPU: 1 and 2 gloo processes, tiny models
 
-Weak scaling: each rank keeps a per-GPU batch of 256 (batch mode: 2048 scored per rank) on its own share of
-the data, so N GPUs train a global batch N times larger; efficiency(N) = throughput(N) / (N x throughput(1)).
-Every N runs as its own `torchrun` job of train_ast.train() (ResNet-50, 224 px, bf16, synthetic
-GPU-resident data), in `full` and `batch` at 10%; the timed epoch is the last one (see bench/ast_speed.py).
-Not covered yet: encode_stream.py (the script does not exist in this repository yet).
+Weak scaling: each rank keeps its own load, so efficiency(N) = throughput(N) / (N x throughput(1)).
+  train   every N is its own `torchrun` job of train_ast.train() (ResNet-50, 224 px, bf16, synthetic
+          GPU-resident data), `full` and `batch` at 10%, a per-GPU batch of 256 (batch mode: 2048 scored per
+          rank), so N GPUs train a global batch N times larger; timed: the last epoch (see bench/ast_speed.py).
+  encode  every N is its own `torchrun` job of encode_stream.main() (RViT-B/16: 2 blocks x 6 loops, 224 px,
+          bf16, synthetic GPU-resident data, --encode-samples-per-gpu samples per rank, class-token outputs of
+          every loop written as fp16 chunks); timed: the slowest rank's encode loop, writes included.
 Last line: {"summary": true, "gpus": [...], "train_full_efficiency": [...], "train_ast10_efficiency": [...],
-"device": ...}.
+"encode_efficiency": [...], "device": ...}.
 """
 import argparse
 import json
@@ -62,6 +64,27 @@ def worker(args):
     dist.cleanup()
 
 
+def encode_worker(args):
+    """One torchrun job: encode this job's share with encode_stream; rank 0 prints the throughput."""
+    import encode_stream
+    from lib.config import merge
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model = ({"image_size": 32, "patch_size": 8, "width": 64, "heads": 2, "blocks": 2, "loops": 2} if args.smoke
+             else {"image_size": args.size, "patch_size": 16, "width": 768, "heads": 12, "blocks": 2, "loops": 6})
+    cfg = merge(encode_stream.Config(), {
+        "run": {"name": f"encode_{world}", "out_dir": args.out_dir, "resume": "none",
+                "device": "cpu" if args.smoke else "auto"},
+        "data": {"name": "synthetic", "num_classes": 1000, "loader": "resident", "train_samples": 64,
+                 "test_samples": args.encode_samples_per_gpu * world, "resident_max_gb": 60.0},
+        "model": model,
+        "encode": {"outputs": ["embedding", "loop_embeddings"], "batch_size": args.batch, "chunk_samples": 4096}})
+    result = encode_stream.main(cfg)  # sets up and tears down the process group itself
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit(mode="encode", gpus=world, seconds=result["seconds"], samples=result["samples"],
+             images_per_s=result["samples_per_s"],
+             device=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -72,25 +95,29 @@ def main():
     parser.add_argument("--batch", type=int, default=256, help="per-GPU training batch")
     parser.add_argument("--score-batch", type=int, default=2048, help="per-GPU scoring batch (batch mode)")
     parser.add_argument("--samples-per-gpu", type=int, default=16384)
+    parser.add_argument("--encode-samples-per-gpu", type=int, default=32768)
+    parser.add_argument("--modes", default="full,batch,encode", help="comma list of full, batch, encode")
     parser.add_argument("--gpus", default="", help="comma list, default 1,2,4,8 up to the GPUs present")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
         args.model, args.size, args.batch, args.score_batch, args.samples_per_gpu = "small_cnn", 16, 16, 32, 256
+        args.encode_samples_per_gpu = 512
     if args.worker:
-        return worker(args)
+        return encode_worker(args) if args.mode == "encode" else worker(args)
     available = 2 if args.smoke else torch.cuda.device_count()
     counts = [int(g) for g in args.gpus.split(",")] if args.gpus else [g for g in (1, 2, 4, 8) if g <= available]
     out_dir = tempfile.mkdtemp(prefix="scaling_")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
                PYTHONUNBUFFERED="1")
     throughput = {}
-    for mode in ("full", "batch"):
+    for mode in args.modes.split(","):
         for n in counts:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                    __file__, "--worker", f"--mode={mode}", f"--out-dir={out_dir}"] + \
                   [a for a in sys.argv[1:] if a.startswith(("--model", "--size", "--batch", "--score-batch",
-                                                            "--samples-per-gpu", "--smoke"))]
+                                                            "--samples-per-gpu", "--encode-samples-per-gpu",
+                                                            "--smoke"))]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
             if run.returncode != 0 or not lines:
@@ -107,8 +134,8 @@ def main():
 
     device = "cpu" if args.smoke else torch.cuda.get_device_name()
     emit(summary=True, gpus=counts, train_full_efficiency=efficiency("full"),
-         train_ast10_efficiency=efficiency("batch"), encode_efficiency=None,
-         encode_note="encode_stream.py does not exist yet", device=device, torch=torch.__version__,
+         train_ast10_efficiency=efficiency("batch"), encode_efficiency=efficiency("encode"),
+         images_per_s={f"{m}_{n}": v for (m, n), v in throughput.items()}, device=device, torch=torch.__version__,
          command=" ".join(sys.argv))
     shutil.rmtree(out_dir, ignore_errors=True)
 

@@ -137,20 +137,30 @@ def mix_seed(*parts):
 
 
 # ----------------------------------------------------------------------------- in-memory datasets
-def _synthetic(cfg):
-    """Deterministic images whose class is a smooth color pattern plus noise: learnable, independent of run seed."""
+def _synthetic(cfg, device=None):
+    """Deterministic images whose class is a smooth color pattern plus noise: learnable, independent of run seed.
+
+    With a CUDA `device` they are drawn there, in blocks (ImageNet-sized sets in seconds, not minutes on the CPU);
+    the numbers then differ from the CPU's, as the two generators do.
+    """
     size = cfg.image_size or SYNTHETIC_DEFAULT_SIZE
-    g = torch.Generator().manual_seed(mix_seed(1234, cfg.num_classes, size))
-    protos = torch.rand(cfg.num_classes, 3, 4, 4, generator=g) * 2 - 1
+    on = torch.device(device) if device is not None and torch.device(device).type == "cuda" else torch.device("cpu")
+    g = torch.Generator(device=on).manual_seed(mix_seed(1234, cfg.num_classes, size))
+    protos = torch.rand(cfg.num_classes, 3, 4, 4, generator=g, device=on) * 2 - 1
     protos = F.interpolate(protos, size=(size, size), mode="bilinear", align_corners=False)  # (K, 3, S, S)
+    block = 1024 if on.type == "cuda" else None  # CPU: one block, the sequence the CPU data always had
 
     def make(n):
-        labels = torch.randperm(n, generator=g) % cfg.num_classes
-        coarse = torch.randn(n, 3, 8, 8, generator=g)
-        x = 128 + 60 * protos[labels] + 25 * F.interpolate(coarse, size=(size, size), mode="bilinear",
-                                                          align_corners=False)
-        x = x + 10 * torch.randn(n, 3, size, size, generator=g)
-        return x.round().clamp(0, 255).to(torch.uint8), labels
+        labels = torch.randperm(n, generator=g, device=on) % cfg.num_classes
+        out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=on)
+        for start in range(0, n, block or max(n, 1)):
+            y = labels[start:start + (block or n)]
+            coarse = torch.randn(len(y), 3, 8, 8, generator=g, device=on)
+            x = 128 + 60 * protos[y] + 25 * F.interpolate(coarse, size=(size, size), mode="bilinear",
+                                                           align_corners=False)
+            x = x + 10 * torch.randn(len(y), 3, size, size, generator=g, device=on)
+            out[start:start + len(y)] = x.round().clamp(0, 255).to(torch.uint8)
+        return out, labels
 
     x_train, y_train = make(cfg.train_samples)
     x_test, y_test = make(cfg.test_samples)
@@ -259,8 +269,8 @@ def _npz(cfg, seed):
 
 def channel_stats(x):
     """Per-channel mean and std of (N, C, H, W) data in its stored units, computed in float64 chunks."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    total_sq = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for chunk in x.split(4096):
         c = chunk.to(torch.float64)
         total += c.sum((0, 2, 3))
@@ -268,7 +278,7 @@ def channel_stats(x):
     count = x.shape[0] * x.shape[2] * x.shape[3]
     mean = total / count
     std = (total_sq / count - mean * mean).clamp(min=1e-12).sqrt()
-    return mean, std
+    return mean.cpu(), std.cpu()
 
 
 # ----------------------------------------------------------------------------- shared loader logic
@@ -369,6 +379,16 @@ class _LoaderBase:
             return ""
         lines = [f"{self.skipped} unreadable file(s) were skipped and replaced by the next readable file:"]
         return "\n".join(lines + [f"  {p}" for p in self.skipped_files])
+
+
+def in_order(loader):
+    """Make a loader read its split in index order, each sample once, at its base resolution (for inference over a
+    training split; build it with data.augment=false). Returns the loader."""
+    loader.train = False
+    loader.drop_last = False
+    loader.resize_schedule = {}
+    loader.set_epoch(0)
+    return loader
 
 
 def crop_flip(x, dy, dx, flip, pad):
@@ -808,7 +828,8 @@ def build_data(cfg, device, batch_size, eval_batch_size=0, seed=0, rank=0, world
     if cfg.name == "imagefolder":
         return _build_imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, world_size)
     if cfg.name == "synthetic":
-        x_train, y_train, x_test, y_test, num_classes = _synthetic(cfg)
+        on_device = cfg.loader in ("auto", "resident")  # worker processes need them in host memory
+        x_train, y_train, x_test, y_test, num_classes = _synthetic(cfg, device if on_device else None)
     elif cfg.name == "digits":
         x_train, y_train, x_test, y_test, num_classes = _digits(cfg, seed)
     elif cfg.name in ("cifar10", "cifar100"):
@@ -836,7 +857,7 @@ def build_data(cfg, device, batch_size, eval_batch_size=0, seed=0, rank=0, world
         if kind == "resident":
             loaders.append(ResidentLoader(x.to(device), y.to(device), normalizer, bs, **kw))
         else:
-            loaders.append(ArrayLoader(x, y, normalizer, bs, device=device, workers=cfg.workers,
+            loaders.append(ArrayLoader(x.cpu(), y.cpu(), normalizer, bs, device=device, workers=cfg.workers,
                                        prefetch=cfg.prefetch, **kw))
     scale = 255.0 if x_train.dtype == torch.uint8 else 1.0
     return Data(train=loaders[0], test=loaders[1], num_classes=num_classes, in_channels=int(x_train.shape[1]),

@@ -14,7 +14,10 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_parses(path):
-    if path.name.startswith("dynvision"):
+    if path.name.startswith("encode"):
+        import encode_stream
+        parse(encode_stream.Config(), ["--config", str(path)])
+    elif path.name.startswith("dynvision"):
         train_dynvision = pytest.importorskip("train_dynvision")
         parse(train_dynvision.Config(), ["--config", str(path)])
     else:
@@ -31,3 +34,14 @@ def test_local_weights_round_trip(tmp_path):
     # another head size: the classifier stays at random init, the rest loads
     other = build_model(ModelConfig(name="resnet18", weights=str(tmp_path / "w.pt")), 3, 5, 32)
     assert torch.equal(other.conv1.weight, source.conv1.weight) and other.fc.weight.shape == (5, 512)
+
+
+def test_encoder_weights_round_trip(tmp_path):
+    import encode_stream
+    from lib.rvit import RViTConfig
+    cfg = RViTConfig(image_size=16, patch_size=4, width=32, heads=2)
+    source = encode_stream.load_encoder(cfg, 3, seed=1)
+    torch.save({"model": source.state_dict()}, tmp_path / "w.pt")  # a checkpoint holding the state_dict
+    loaded = encode_stream.load_encoder(RViTConfig(**{**cfg.__dict__, "weights": str(tmp_path / "w.pt")}), 3, seed=2)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(source(x)["embedding"], loaded(x)["embedding"])

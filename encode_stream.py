@@ -1,0 +1,534 @@
+"""Stream a dataset through a recursive vision transformer and write its per-sample outputs to disk.
+
+    # CPU, seconds: scikit-learn digits through a tiny RViT, embeddings in runs/encode/
+    python encode_stream.py
+    # one GPU, an ImageNet folder (train/ and val/ inside data.root), RViT-B/16 from a local weights file
+    python encode_stream.py --config configs/encode_imagenet.yaml --data.root=/data/imagenet \\
+        --model.weights=/ckpt/rvit_b16.pt
+    # every GPU of a node: each rank encodes its own chunks, no communication until the end
+    torchrun --nproc_per_node=8 encode_stream.py --config configs/encode_imagenet.yaml --data.root=/data/imagenet
+    # killed or preempted? Run the same command again: finished chunks are kept, the rest is encoded
+
+The split is cut into chunks of encode.chunk_samples consecutive samples; a chunk is the unit of work, of output
+and of resume. Rank r encodes the unfinished chunks r, r + W, ... (W ranks) and writes each one as
+`chunks/chunk-000012.npz` (index, label, valid + one array per output) with a JSON marker holding its size and
+sha256, both via temp file + fsync + rename; a chunk without a matching marker does not exist. Host memory is
+bounded: finished chunks wait for the writer thread in a queue of encode.write_queue chunks. At the end rank 0
+joins the chunks into one .npy per output (written through a memory map, a chunk at a time), writes manifest.json
+and removes the chunks. Read the result with `read_outputs(run_dir)`.
+
+Outputs (encode.outputs): embedding (D) the final class token; loop_embeddings (loops, D) the class token after
+each loop of the shared blocks; tokens (N, D) the final patch tokens (large: N x D values per sample).
+"""
+import errno
+import hashlib
+import io
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lib import checkpoint, dist
+from lib.config import ConfigError, parse, to_dict, write_run_info
+from lib.data import DataConfig, build_data, in_order
+from lib.loop import MetricsLog
+from lib.rvit import OUTPUTS, RecursiveViT, RViTConfig
+from lib.storage import (StorageError, atomic_write_bytes, atomic_write_json, check_free_space, format_bytes,
+                         fsync_dir, sha256_file)
+
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MANIFEST_FORMAT = "frugal-encode-1"
+# data settings that change speed, not the encoded values: a resumed run may change them
+IGNORED_DATA_KEYS = ("workers", "prefetch", "loader", "resident_max_gb", "download", "max_skipped_fraction",
+                     "channels_last")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class RunConfig:
+    name: str = "encode"            # output folder: <out_dir>/<name>
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"            # auto | cuda | cpu
+    resume: str = "auto"            # auto: keep verified chunks, encode the rest | none: refuse a used folder
+
+
+@dataclass
+class EncodeConfig:
+    split: str = "test"             # test (imagefolder: val/) | train (read in order, no augmentation)
+    outputs: list[str] = field(default_factory=lambda: ["embedding"])  # embedding | loop_embeddings | tokens
+    batch_size: int = 256           # images per forward (halved on out-of-memory, for this run)
+    chunk_samples: int = 4096       # samples per chunk file: the unit of work, of resume and of lost work
+    store_dtype: str = "float16"    # float16 | float32 on disk
+    precision: str = "auto"         # compute: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    write_queue: int = 2            # finished chunks waiting for the writer thread
+    max_host_gb: float = 8.0        # refuse settings whose chunk buffers would need more host RAM than this
+    limit: int = 0                  # encode only the first `limit` samples of the split (0 = all)
+    consolidate: bool = True        # at the end: one .npy per output, chunks removed
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(augment=False))
+    model: RViTConfig = field(default_factory=RViTConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+
+    def validate(self):
+        e = self.encode
+        if e.split not in ("train", "test"):
+            raise ConfigError(f"encode.split must be train or test, got '{e.split}'")
+        if not e.outputs or any(o not in OUTPUTS for o in e.outputs) or len(set(e.outputs)) != len(e.outputs):
+            raise ConfigError(f"encode.outputs must list distinct names out of {', '.join(OUTPUTS)}; "
+                              f"got {e.outputs}")
+        if e.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"encode.store_dtype must be one of {', '.join(STORE_DTYPES)}, got '{e.store_dtype}'")
+        if e.precision not in PRECISIONS:
+            raise ConfigError(f"encode.precision must be one of {', '.join(PRECISIONS)}, got '{e.precision}'")
+        if e.batch_size < 1 or e.chunk_samples < 1 or e.write_queue < 1 or e.limit < 0:
+            raise ConfigError("encode.batch_size, encode.chunk_samples and encode.write_queue must be >= 1 and "
+                              "encode.limit >= 0")
+        if self.run.resume not in ("auto", "none"):
+            raise ConfigError(f"run.resume must be auto or none, got '{self.run.resume}'")
+        if self.data.image_size and self.data.image_size != self.model.image_size:
+            raise ConfigError(f"data.image_size={self.data.image_size} differs from model.image_size="
+                              f"{self.model.image_size}; set one of them (data.image_size=0 follows the model)")
+
+
+# ----------------------------------------------------------------------------- chunk files
+class ChunkStore:
+    """chunks/chunk-NNNNNN.npz + chunk-NNNNNN.json (size and sha256, written last) under the run folder."""
+
+    def __init__(self, run_dir):
+        self.folder = Path(run_dir) / "chunks"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def paths(self, chunk):
+        return self.folder / f"chunk-{chunk:06d}.npz", self.folder / f"chunk-{chunk:06d}.json"
+
+    def verified(self, chunk):
+        """True if the chunk's marker exists and its data file has the marker's size and sha256."""
+        data, marker = self.paths(chunk)
+        try:
+            meta = json.loads(marker.read_text())
+            return data.stat().st_size == meta["bytes"] and sha256_file(data) == meta["sha256"]
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def write(self, chunk, arrays, meta):
+        """Write the arrays as one .npz, then its marker; both atomic and fsynced. Returns the bytes written."""
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = buf.getvalue()
+        path, marker = self.paths(chunk)
+        try:
+            atomic_write_bytes(path, data)
+            atomic_write_json(marker, dict(meta, chunk=chunk, bytes=len(data),
+                                           sha256=hashlib.sha256(data).hexdigest()))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageError(e.errno, f"disk full while writing {path.name} under {self.folder}: the chunks "
+                                            f"written before it are intact; free space and run the same command "
+                                            f"again to encode the rest") from e
+            raise
+        return len(data)
+
+    def read(self, chunk):
+        """The chunk's arrays, after checking the data file against its marker (StorageError if it differs)."""
+        path, marker = self.paths(chunk)
+        data = path.read_bytes()
+        meta = json.loads(marker.read_text())
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise StorageError(errno.EIO, f"{path} does not match its marker (corrupt); delete {path.name} and "
+                                          f"{marker.name} and run the same command again to encode it again")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
+class ChunkWriter:
+    """A thread that writes finished chunks; `put` blocks while `depth` chunks wait (bounded host memory)."""
+
+    def __init__(self, store, depth, on_written):
+        self.store, self.on_written = store, on_written
+        self.queue = queue.Queue(maxsize=depth)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="chunk-writer")
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:  # after a failure, drain without writing so that put() never blocks
+                try:
+                    chunk, arrays, meta = item
+                    self.on_written(chunk, self.store.write(chunk, arrays, meta), meta)
+                except BaseException as e:
+                    self.error = e
+
+    def put(self, chunk, arrays, meta):
+        self._raise()
+        self.queue.put((chunk, arrays, meta))
+
+    def close(self):
+        """Wait until every queued chunk is written; re-raise a write error."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+
+# ----------------------------------------------------------------------------- helpers
+def chunk_ranges(num_samples, chunk_samples):
+    """[(start, end)] of each chunk: consecutive samples, the last chunk possibly shorter."""
+    return [(s, min(s + chunk_samples, num_samples)) for s in range(0, num_samples, chunk_samples)]
+
+
+def fingerprint(cfg, num_samples):
+    """What the outputs depend on: a resumed run must match it, or its chunks would mix two encoders."""
+    weights = cfg.model.weights
+    return {"model": to_dict(cfg.model), "weights_sha256": sha256_file(weights) if weights else "",
+            "data": {k: v for k, v in to_dict(cfg.data).items() if k not in IGNORED_DATA_KEYS},
+            "split": cfg.encode.split, "outputs": list(cfg.encode.outputs), "store_dtype": cfg.encode.store_dtype,
+            "chunk_samples": cfg.encode.chunk_samples, "num_samples": num_samples,
+            "seed": cfg.run.seed}
+
+
+def load_encoder(cfg, in_channels, seed=0):
+    """RecursiveViT from a local state_dict (every key must match) or from random init seeded by `seed` alone, so
+    that every rank holds the same encoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RecursiveViT(cfg, in_channels)
+    if cfg.weights:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise ConfigError(f"model.weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # one of our checkpoints
+        try:
+            model.load_state_dict(checkpoint.strip_prefixes(state))
+        except RuntimeError as e:
+            raise ConfigError(f"model.weights {path} does not fit this RViT configuration (model.width, heads, "
+                              f"blocks, loops, patch_size, image_size): {str(e)[:400]}") from None
+    return model
+
+
+def autocast_dtype(precision, device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+class Encoder:
+    """model forward under autocast, in micro-batches that halve after an out-of-memory error."""
+
+    def __init__(self, model, outputs, device, dtype, micro_batch):
+        self.model, self.outputs, self.device, self.dtype = model, tuple(outputs), device, dtype
+        self.micro_batch = micro_batch
+
+    @torch.inference_mode()
+    def __call__(self, images):
+        while True:
+            try:
+                parts = []
+                for start in range(0, len(images), self.micro_batch):
+                    with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                        enabled=self.dtype is not None):
+                        parts.append(self.model(images[start:start + self.micro_batch], self.outputs))
+                return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
+                        for k in self.outputs}
+            except torch.OutOfMemoryError:
+                if self.micro_batch == 1:
+                    raise
+                self.micro_batch //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"[encode] out of memory: micro-batch halved to {self.micro_batch}", flush=True)
+
+
+def read_outputs(run_dir, mmap=True):
+    """The finished outputs of a run: {"index", "label", "valid", <output>...} as numpy arrays (memory-mapped)."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no manifest.json: the encoding did not finish; run the same "
+                                f"encode_stream.py command again to complete it")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise FileNotFoundError(f"{manifest_path} was not written by encode_stream.py")
+    if not manifest["consolidated"]:
+        store = ChunkStore(run_dir)
+        parts = [store.read(c) for c in range(manifest["chunks"])]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return {name: np.load(run_dir / meta["file"], mmap_mode="r" if mmap else None, allow_pickle=False)
+            for name, meta in manifest["files"].items()}
+
+
+# ----------------------------------------------------------------------------- consolidation
+def consolidate(store, run_dir, num_chunks, shapes, dtypes, num_samples):
+    """Join the chunks into one .npy per array through memory maps (one chunk in memory at a time)."""
+    files = {}
+    maps = {}
+    for name, shape in shapes.items():
+        tmp = run_dir / f".{name}.npy.tmp"
+        maps[name] = (tmp, np.lib.format.open_memmap(tmp, mode="w+", dtype=dtypes[name],
+                                                     shape=(num_samples, *shape)))
+    row = 0
+    for chunk in range(num_chunks):
+        arrays = store.read(chunk)
+        n = len(arrays["index"])
+        for name, (_, array) in maps.items():
+            array[row:row + n] = arrays[name]
+        row += n
+    assert row == num_samples, (row, num_samples)
+    for name, (tmp, array) in maps.items():
+        array.flush()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        path = run_dir / f"{name}.npy"
+        os.replace(tmp, path)
+        files[name] = {"file": path.name, "shape": [num_samples, *shapes[name]],
+                       "dtype": np.dtype(dtypes[name]).name, "sha256": sha256_file(path)}
+    fsync_dir(run_dir)
+    return files
+
+
+# ----------------------------------------------------------------------------- encode
+def encode(cfg, info, run_dir):
+    """Encode this rank's unfinished chunks; rank 0 then consolidates. Returns the run's numbers."""
+    run_dir = Path(run_dir)
+    device = info.device
+    e = cfg.encode
+    data_cfg = DataConfig(**{**to_dict(cfg.data), "augment": False, "resize_schedule": {},
+                             "image_size": cfg.model.image_size})
+    data = build_data(data_cfg, device, batch_size=e.batch_size, seed=cfg.run.seed)  # all ranks, unsharded
+    loader = in_order(data.train if e.split == "train" else data.test)
+    num_samples = data.num_train if e.split == "train" else data.num_test
+    if e.limit:
+        num_samples = min(num_samples, e.limit)
+    chunks = chunk_ranges(num_samples, e.chunk_samples)
+    print_main = print if dist.is_main() else (lambda *a, **k: None)
+
+    # a used folder must hold outputs of this very configuration
+    run_dir.mkdir(parents=True, exist_ok=True)
+    expected = fingerprint(cfg, num_samples)
+    info_path = run_dir / "encode_info.json"
+    if info_path.is_file():
+        found = json.loads(info_path.read_text())
+        if cfg.run.resume == "none":
+            raise ConfigError(f"{run_dir} already holds an encoding (run.resume=none refuses to touch it); use "
+                              f"another run.name, or run.resume=auto to continue it")
+        if found != expected:
+            diff = sorted(k for k in expected if found.get(k) != expected[k])
+            raise ConfigError(f"{run_dir} holds outputs of another configuration (differs in: {', '.join(diff)}); "
+                              f"use another run.name, or delete the folder to start over")
+    manifest_path = run_dir / "manifest.json"
+    if manifest_path.is_file() and not info_path.is_file():
+        raise ConfigError(f"{run_dir} holds a manifest.json that encode_stream.py did not write (is it a dataset "
+                          f"folder?); choose another run.out_dir / run.name")
+    if manifest_path.is_file():
+        print_main(f"[encode] {run_dir} is complete already ({num_samples} samples); nothing to do")
+        return {"samples": 0, "seconds": 0.0, "samples_per_s": 0.0, "chunks_written": 0, "complete": True}
+    store = ChunkStore(run_dir)
+    if dist.is_main():  # temp files of a killed run: no rank writes before the barrier below
+        for stale in store.folder.glob(".chunk-*.tmp.*"):
+            stale.unlink(missing_ok=True)
+    dist.barrier()  # every rank has read the folder's state before rank 0 writes into it
+    if dist.is_main():
+        write_run_info(run_dir, cfg, device)
+        if not info_path.is_file():
+            atomic_write_json(info_path, expected)
+
+    # which chunks are done: each rank verifies its share of the files, the answers are combined
+    done = torch.zeros(len(chunks), device=device)
+    for c in range(info.rank, len(chunks), info.world_size):
+        done[c] = float(store.verified(c))
+    done = dist.all_reduce_sum(done).cpu().bool()
+    corrupt = [c for c in range(len(chunks)) if not done[c] and store.paths(c)[1].exists()]
+    if corrupt:
+        print_main(f"[encode] {len(corrupt)} chunk(s) do not match their marker and are encoded again: "
+                   f"{[store.paths(c)[0].name for c in corrupt[:5]]}")
+    remaining = [c for c in range(len(chunks)) if not done[c]]
+    mine = remaining[info.rank::info.world_size]
+
+    # memory and disk, before any work
+    model = load_encoder(cfg.model, data.in_channels, cfg.run.seed).to(device).eval()
+    shapes = {k: v for k, v in model.output_shapes().items() if k in e.outputs}
+    store_dtype = STORE_DTYPES[e.store_dtype]
+    row_bytes = sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(store_dtype).itemsize + 17
+    chunk_bytes = row_bytes * e.chunk_samples
+    host_bytes = chunk_bytes * (e.write_queue + 2)  # queued + being written + being copied off the device
+    if host_bytes > e.max_host_gb * 1e9:
+        raise ConfigError(f"encode.chunk_samples={e.chunk_samples} x {format_bytes(row_bytes)} per sample with "
+                          f"encode.write_queue={e.write_queue} needs {format_bytes(host_bytes)} of host memory, more "
+                          f"than encode.max_host_gb={e.max_host_gb}; lower encode.chunk_samples")
+    need = row_bytes * sum(chunks[c][1] - chunks[c][0] for c in mine)
+    if e.consolidate and dist.is_main():
+        need += row_bytes * num_samples
+    check_free_space(run_dir, need, "encoded outputs", "point run.out_dir to a larger disk or set encode.limit")
+    print_main(f"[encode] {num_samples} samples of the {e.split} split in {len(chunks)} chunks "
+               f"({len(chunks) - len(remaining)} done before); {info.world_size} rank(s); outputs "
+               f"{', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())} as {e.store_dtype}, "
+               f"{format_bytes(row_bytes * num_samples)} in all")
+
+    encoder = Encoder(model, e.outputs, device, autocast_dtype(e.precision, device), e.batch_size)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
+    written = {"chunks": 0, "bytes": 0, "invalid": 0, "nonfinite": 0}
+
+    def on_written(chunk, nbytes, meta):
+        written["chunks"] += 1
+        written["bytes"] += nbytes
+        written["invalid"] += meta["invalid_rows"]
+        written["nonfinite"] += meta["nonfinite_rows"]
+        metrics.write(kind="chunk", rank=info.rank, chunk=chunk, samples=meta["samples"], bytes=nbytes,
+                      seconds=round(time.perf_counter() - t_start, 3))
+
+    indices = torch.cat([torch.arange(*chunks[c]) for c in mine]) if mine else torch.zeros(0, dtype=torch.int64)
+    seconds, stopped = 0.0, None
+    if mine:
+        with torch.inference_mode():  # one forward before timing: kernel selection and allocator warm-up
+            probe = torch.zeros(min(e.batch_size, 8), data.in_channels, cfg.model.image_size,
+                                cfg.model.image_size, device=device)
+            encoder(probe)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        loader.set_epoch(0, indices=indices)
+        t_start = time.perf_counter()
+        writer = ChunkWriter(store, e.write_queue, on_written)
+        bar = tqdm(total=len(indices), unit="img", disable=not dist.is_main(), desc="encode (rank 0)")
+        pending = {k: [] for k in (*e.outputs, "index", "label")}
+        filled, slot = 0, 0
+        try:
+            with checkpoint.PreemptionHandler() as preempt:
+                for images, labels, index in loader:
+                    out = encoder(images)
+                    out.update(index=index, label=labels)
+                    pos = 0
+                    while pos < len(index):  # a batch may end one chunk and start the next
+                        start, end = chunks[mine[slot]]
+                        take = min(len(index) - pos, end - start - filled)
+                        for k in pending:
+                            pending[k].append(out[k][pos:pos + take])
+                        pos += take
+                        filled += take
+                        if filled == end - start:
+                            arrays, meta = finish_chunk(pending, start, end, store_dtype)
+                            writer.put(mine[slot], arrays, meta)
+                            pending = {k: [] for k in pending}
+                            filled, slot = 0, slot + 1
+                    bar.update(len(index))
+                    if preempt.requested:
+                        stopped = preempt.received
+                        break
+        finally:
+            bar.close()
+            writer.close()  # the chunks finished so far reach the disk, even when the loop failed
+        seconds = time.perf_counter() - t_start
+    metrics.close()
+
+    # combine: samples and the slowest rank's time (the run's wall-clock); any rank stopped -> no consolidation
+    totals = torch.tensor([float(sum(chunks[c][1] - chunks[c][0] for c in mine[:written["chunks"]])),
+                           float(written["chunks"]), float(written["invalid"]), float(written["nonfinite"]),
+                           float(stopped is not None)], device=device, dtype=torch.float64)
+    slowest = torch.tensor([seconds], device=device, dtype=torch.float64)
+    dist.all_reduce_sum(totals)
+    if dist.is_dist():
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+    samples, chunks_written, invalid, nonfinite, any_stopped = totals.tolist()
+    seconds = slowest.item()
+    result = {"samples": int(samples), "seconds": round(seconds, 3),
+              "samples_per_s": round(samples / seconds, 1) if seconds else 0.0,
+              "chunks_written": int(chunks_written),
+              "chunks_done_before": len(chunks) - len(remaining), "invalid_rows": int(invalid),
+              "nonfinite_rows": int(nonfinite), "ranks": info.world_size, "complete": False}
+    if stopped is not None:
+        print(f"[encode] rank {info.rank} stopped by {stopped} after {written['chunks']} chunk(s); run the same "
+              f"command again to encode the rest", flush=True)
+    if any_stopped:
+        return result
+
+    dist.barrier()
+    if dist.is_main():
+        missing = [c for c in range(len(chunks)) if not store.paths(c)[1].exists()]
+        if missing:
+            raise StorageError(errno.ENOENT, f"{len(missing)} chunk(s) are missing (first {missing[:5]}): a rank "
+                                             f"failed; run the same command again to encode them")
+        dtypes = {k: store_dtype for k in shapes}
+        dtypes.update(index=np.int64, label=np.int64, valid=np.bool_)
+        all_shapes = dict(shapes, index=(), label=(), valid=())
+        manifest = {"format": MANIFEST_FORMAT, "num_samples": num_samples, "chunks": len(chunks), "split": e.split,
+                    "outputs": list(e.outputs), "consolidated": e.consolidate, "classes": data.classes}
+        if e.consolidate:
+            manifest["files"] = consolidate(store, run_dir, len(chunks), all_shapes, dtypes, num_samples)
+        atomic_write_json(manifest_path, manifest)  # the encoding exists from here on
+        if e.consolidate:
+            shutil.rmtree(store.folder)
+        result["complete"] = True
+        bad = [f"{result['invalid_rows']} unreadable sample(s) (valid=False, zeros)" if invalid else "",
+               f"{result['nonfinite_rows']} row(s) with inf/nan in {e.store_dtype}" if nonfinite else ""]
+        print(f"[encode] {num_samples} samples -> {run_dir} ({result['samples_per_s']} samples/s over "
+              f"{info.world_size} rank(s) this run)" + "".join(f"; {b}" for b in bad if b), flush=True)
+    dist.barrier()
+    result["complete"] = manifest_path.is_file()
+    return result
+
+
+def finish_chunk(pending, start, end, store_dtype):
+    """One chunk's arrays on the host: outputs cast to the stored dtype, rows checked against the expected indices."""
+    out = {k: torch.cat(v) for k, v in pending.items()}
+    index = out.pop("index").cpu().numpy()
+    expected = np.arange(start, end)
+    valid = index == expected  # a skipped unreadable file was replaced by another sample: not this row's image
+    torch_dtype = torch.float16 if store_dtype == np.float16 else torch.float32
+    arrays = {"index": expected, "label": out.pop("label").cpu().numpy().astype(np.int64), "valid": valid}
+    nonfinite = np.zeros(end - start, dtype=bool)
+    for k, v in out.items():
+        v = v.to(torch_dtype)
+        bad = ~torch.isfinite(v).flatten(1).all(1)
+        values = v.cpu().numpy()
+        values[~valid] = 0
+        nonfinite |= bad.cpu().numpy()
+        arrays[k] = values
+    meta = {"start": start, "end": end, "samples": end - start, "invalid_rows": int((~valid).sum()),
+            "nonfinite_rows": int(nonfinite.sum())}
+    return arrays, meta
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg):
+    info = dist.setup(cfg.run.seed, cfg.run.device)
+    try:
+        return encode(cfg, info, Path(cfg.run.out_dir) / cfg.run.name)
+    finally:
+        dist.cleanup()
+
+
+# errors whose message says what to fix (bad config, missing data, full disk, corrupt output)
+USER_ERRORS = (ConfigError, FileNotFoundError, StorageError)
+
+
+if __name__ == "__main__":
+    try:
+        config = parse(Config(), sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    try:
+        main(config)
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")
