@@ -33,7 +33,8 @@ def run(cfg):
 
 
 def outputs(cfg):
-    return {k: np.asarray(v) for k, v in encode_stream.read_outputs(os.path.join(cfg.run.out_dir, cfg.run.name)).items()}
+    found = encode_stream.read_outputs(os.path.join(cfg.run.out_dir, cfg.run.name))
+    return {k: np.asarray(v) for k, v in found.items()}
 
 
 def test_outputs_equal_a_plain_forward(tmp_path):
