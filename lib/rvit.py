@@ -6,7 +6,7 @@
         loop_embeddings[:, loop] = norm(x[:, 0])
 
 Depth (and compute) is blocks x loops, parameters only `blocks` blocks: RViT-B/16 with 2 blocks x 6 loops costs
-what ViT-B/16 costs per image with about a sixth of its parameters. Attention is F.scaled_dot_product_attention
+what ViT-B/16 costs per image with 14.9M parameters instead of 85.8M (both without a classifier). Attention is F.scaled_dot_product_attention
 (flash / memory-efficient kernels on GPU). Built from random init or a local state_dict; nothing is downloaded.
 """
 import math
