@@ -41,6 +41,7 @@ from lib import checkpoint, dist
 from lib.config import ConfigError, parse, to_dict, write_run_info
 from lib.data import DataConfig, build_data, in_order
 from lib.loop import MetricsLog
+from lib.models import load_weights
 from lib.rvit import OUTPUTS, RecursiveViT, RViTConfig
 from lib.storage import (StorageError, atomic_write_bytes, atomic_write_json, check_free_space, format_bytes,
                          fsync_dir, sha256_file)
@@ -215,17 +216,7 @@ def load_encoder(cfg, in_channels, seed=0):
         torch.manual_seed(seed)
         model = RecursiveViT(cfg, in_channels)
     if cfg.weights:
-        path = Path(cfg.weights)
-        if not path.is_file():
-            raise ConfigError(f"model.weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]  # one of our checkpoints
-        try:
-            model.load_state_dict(checkpoint.strip_prefixes(state))
-        except RuntimeError as e:
-            raise ConfigError(f"model.weights {path} does not fit this RViT configuration (model.width, heads, "
-                              f"blocks, loops, patch_size, image_size): {str(e)[:400]}") from None
+        load_weights(model, cfg.weights, strict=True)
     return model
 
 

@@ -83,8 +83,9 @@ def build_model(cfg, in_channels, num_classes, image_size):
     return model
 
 
-def load_weights(model, path):
-    """Load a local state_dict (weights_only=True); a classifier of another shape is left at random init."""
+def load_weights(model, path, strict=False):
+    """Load a local state_dict (weights_only=True); a classifier of another shape is left at random init, unless
+    `strict`: then every key and shape must match."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.weights file not found: {path}")
@@ -93,6 +94,12 @@ def load_weights(model, path):
         state = state["model"]  # one of our checkpoints
     own = model.state_dict()
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if strict:
+        try:
+            return model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"model.weights {path} does not fit this model's configuration (check the model.* "
+                              f"sizes): {str(e)[:400]}") from None
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for k in mismatched:
         del state[k]
