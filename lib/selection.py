@@ -373,3 +373,87 @@ class PIController:
             raise KeyError(f"controller state is missing {missing}; was it saved by PIController.state_dict()?")
         for name in self._STATE:
             getattr(self, name).copy_(torch.as_tensor(state[name]).to(self.device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Importance sampling: which samples to train on, and with what weight
+# ----------------------------------------------------------------------------------------------------
+# Picking the k highest scores deterministically concentrates every step on a few hard (often ambiguous or
+# mislabeled) samples with large gradients: at learning rates where a random subset trains well, that
+# diverged (issue 20). Sampling instead keeps every sample's chance above zero and reweights what it picks,
+# so a step is an estimate of the full-data gradient, at the step size of a random subset, with less
+# variance: the highest-gradient samples are the ones most likely to be in it (Katharopoulos & Fleuret,
+# 2018, "Not all samples are created equal"; Selective Backprop, Jiang et al., 2019).
+
+PROXY_CAP_ITERATIONS = 8  # inclusion-probability capping passes (each caps the values that spilled over 1)
+
+
+def gradient_proxy(scores, score_name="loss", task="classification"):
+    """A bounded, per-sample stand-in for the norm of the loss gradient, (B,), from significance scores.
+
+    Cross-entropy: 1 - exp(-loss) = 1 - p_target, a lower bound of ||softmax - onehot|| that saturates at 1
+    for confidently wrong (often mislabeled) samples instead of growing with the loss. Regression: the root
+    of the squared error (the gradient norm of MSE is proportional to it). Composite scores are already in
+    [0, 1] and are used as they are. Unscored samples (+inf) get the largest value.
+    """
+    s = _wide(scores.detach())
+    if score_name == "loss" and task == "classification":
+        proxy = -torch.expm1(-s.clamp_min(0))                 # 1 - exp(-loss), inf -> 1
+    elif score_name == "loss":
+        proxy = s.clamp_min(0).sqrt()
+    else:
+        proxy = s.clamp_min(0)
+    top = torch.where(torch.isfinite(proxy), proxy, torch.zeros_like(proxy)).amax()
+    return torch.where(torch.isfinite(proxy), proxy, top.clamp_min(1.0))
+
+
+def inclusion_probabilities(proxy, k, uniform_mix):
+    """Probabilities p (B,) with sum k, p_i <= 1: a mixture of `uniform_mix` uniform and the rest proportional
+    to `proxy`; the mass of samples capped at 1 is spread over the others (a fixed number of passes: no
+    host sync). p_i >= uniform_mix * k / B, so no importance weight exceeds 1 / uniform_mix."""
+    n = proxy.shape[0]
+    q = proxy.clamp_min(0)
+    q = q / q.sum().clamp_min(1e-30)
+    p = k * ((1.0 - uniform_mix) * q + uniform_mix / n)
+    for _ in range(PROXY_CAP_ITERATIONS):
+        full = p >= 1.0
+        spare = k - full.sum()                                 # mass the uncapped samples must carry
+        rest = torch.where(full, torch.zeros_like(p), p)
+        p = torch.where(full, torch.ones_like(p), rest * (spare / rest.sum().clamp_min(1e-30)))
+    return p.clamp(max=1.0)
+
+
+def systematic_sample(p, k, generator=None):
+    """Exactly k distinct indices with inclusion probabilities p (sum p = k, each <= 1).
+
+    Systematic sampling over a random order: lay the p_i end to end on [0, k), and take the samples under the
+    points u, u + 1, ..., u + k - 1 for one uniform u; a sample of length p_i <= 1 holds at most one point.
+    """
+    n = p.shape[0]
+    order = torch.randperm(n, device=p.device, generator=generator)
+    edges = torch.cumsum(p[order].double(), 0)
+    edges = edges * (k / edges[-1].clamp_min(1e-30))           # exact total despite rounding
+    u = torch.rand((), device=p.device, generator=generator, dtype=torch.float64)
+    points = u + torch.arange(k, device=p.device, dtype=torch.float64)
+    slot = torch.searchsorted(edges, points, right=True).clamp(max=n - 1)
+    return order[slot]
+
+
+def importance_weights(p, selected, k, n, power=1.0):
+    """Self-normalized Horvitz-Thompson weights of the selected samples: ((k / n) / p_i) ** power scaled to mean 1,
+    so a step is as large as a random subset's of the same size (the learning rate means the same thing).
+    power 1 makes the step an unbiased estimate of the full-data gradient; 0 trains the sample unweighted
+    (biased towards high scores, as Selective Backprop does); values between trade the two."""
+    w = ((k / n) / p[selected].clamp_min(1e-12)) ** power
+    return w * (w.numel() / w.sum().clamp_min(1e-30))
+
+
+def stratified_counts(labels, k, num_classes):
+    """Per-class sample counts (num_classes,) summing to k, proportional to the class sizes (largest remainder)."""
+    sizes = torch.bincount(labels, minlength=num_classes).double()
+    exact = sizes * (k / sizes.sum())
+    counts = exact.floor().long()
+    short = k - int(counts.sum())
+    if short > 0:
+        counts[torch.argsort(exact - counts, descending=True)[:short]] += 1
+    return torch.minimum(counts, sizes.long())

@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.config import ConfigError, merge
-from lib.selection import (SCORES, ControllerConfig, FeatureCapture, PIController, check_score, last_linear,
-                           last_layer_gradient_norm, minmax_normalize, per_sample_loss, significance)
+from lib.selection import (SCORES, ControllerConfig, FeatureCapture, PIController, check_score, gradient_proxy,
+                           importance_weights, inclusion_probabilities, last_linear, last_layer_gradient_norm,
+                           minmax_normalize, per_sample_loss, significance, stratified_counts, systematic_sample)
 
 STEPS = 3000          # controller test length, steps
 SHIFT_STEP = 2000     # step of the sudden distribution shift
@@ -363,3 +364,80 @@ def test_unknown_score_suggests_closest():
         check_score("loss", "clasification")
     for name in SCORES:
         check_score(name, "classification")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling: inclusion probabilities, fixed-size systematic sampling, weights (issue 20)
+# ----------------------------------------------------------------------------------------------------
+
+def test_inclusion_probabilities_sum_to_k_capped_and_floored():
+    g = torch.Generator().manual_seed(0)
+    proxy = torch.rand(500, generator=g).pow(4)       # a few large, most small
+    proxy[:3] = 100.0                                  # would exceed 1 before capping
+    p = inclusion_probabilities(proxy, 60, uniform_mix=0.3)
+    assert p.sum().item() == pytest.approx(60, abs=1e-4)
+    assert p.max().item() <= 1.0 and torch.all(p[:3] == 1.0)
+    assert p.min().item() >= 0.3 * 60 / 500 - 1e-9    # the uniform floor bounds every weight by 1/0.3
+    # among the uncapped samples, p is affine in the proxy (uniform floor + proportional part)
+    free = p < 1
+    assert torch.corrcoef(torch.stack([p[free], proxy[free]]))[0, 1].item() > 0.9999
+
+
+def test_systematic_sample_is_exact_size_with_the_stated_probabilities():
+    g = torch.Generator().manual_seed(1)
+    p = inclusion_probabilities(torch.rand(200, generator=g), 30, uniform_mix=0.2)
+    hits = torch.zeros(200)
+    draws = 3000
+    for _ in range(draws):
+        picked = systematic_sample(p, 30, g)
+        assert picked.numel() == 30 and picked.unique().numel() == 30
+        hits[picked] += 1
+    sigma = (p * (1 - p) / draws).sqrt().clamp_min(1e-3)
+    assert ((hits / draws - p).abs() / sigma).max().item() < 4.5  # frequencies match p within sampling noise
+
+
+def test_importance_weights_mean_one_and_power():
+    p = torch.tensor([1.0, 0.5, 0.25, 0.125])
+    chosen = torch.arange(4)
+    unbiased = importance_weights(p, chosen, k=2, n=4, power=1.0)
+    assert unbiased.mean().item() == pytest.approx(1.0)
+    assert torch.allclose(unbiased / unbiased[0], torch.tensor([1.0, 2.0, 4.0, 8.0]))  # proportional to 1/p
+    assert torch.equal(importance_weights(p, chosen, k=2, n=4, power=0.0), torch.ones(4))
+
+
+def test_stratified_counts_follow_class_sizes():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    counts = stratified_counts(labels, 10, 3)
+    assert counts.tolist() == [5, 3, 2]
+    assert int(stratified_counts(labels, 7, 3).sum()) == 7
+
+
+def test_gradient_proxy_is_bounded_and_ranks_like_the_loss():
+    loss = torch.tensor([0.0, 0.1, 1.0, 30.0, float("inf")])
+    proxy = gradient_proxy(loss, "loss", "classification")
+    assert torch.all((proxy >= 0) & (proxy <= 1))
+    assert torch.all(proxy[1:] >= proxy[:-1]) and proxy[-1] == 1.0  # never-scored samples rank first
+    assert torch.allclose(gradient_proxy(torch.tensor([4.0]), "loss", "regression"), torch.tensor([2.0]))
+
+
+@pytest.mark.parametrize("batch,target", [(256, 0.1), (256, 0.3), (2048, 0.1), (64, 0.1)])
+def test_selected_count_holds_the_rate_per_step_and_on_average(batch, target):
+    """The controller's count through train_ast.subset_size (buckets, +-2 pp band) on a drifting, shifting stream:
+    every step within +-2 pp of the target, and every 100-step mean within 0.5 pp (the controller, not the band
+    edge, holds the rate: pinned at one edge the mean would be off by more than that)."""
+    import train_ast
+    generator = torch.Generator().manual_seed(0)
+    controller = PIController(ControllerConfig(target_rate=target))
+    rates = []
+    for scores in score_stream("loss", batch, generator):
+        mask = controller.select(scores, generator=generator)
+        k = train_ast.subset_size(int(mask.sum()), batch, target, round_to=32, band=0.02)
+        chosen = torch.zeros(batch, dtype=torch.bool)
+        chosen[scores.topk(k).indices] = True
+        controller.update(chosen)
+        rates.append(k / batch)
+    rates = torch.tensor(rates)
+    settled = torch.cat([rates[100:SHIFT_STEP], rates[SHIFT_STEP + 100:]])
+    assert (settled - target).abs().max().item() <= 0.02 + 1e-9
+    windows = torch.cat([rates[100:2000].reshape(-1, 100), rates[2100:3000].reshape(-1, 100)]).mean(dim=1)
+    assert (windows - target).abs().max().item() < 0.005, windows
