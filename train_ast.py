@@ -13,17 +13,20 @@ Modes (ast.mode):
   full    every sample, every step (the baseline).
   batch   a no-grad forward scores the whole batch; forward+backward run only on the selected subset,
           gathered into a smaller batch, so unselected samples cost one inference forward and no backward.
-          A PI controller moves the threshold to hold ast.controller.target_rate.
-  epoch   no extra forward: each sample's score is the loss it had when last trained; samples below the
-          threshold are dropped from the next epoch, a random `explore_rate` share of them is kept and
-          reweighted by the inverse keep probability (unbiased gradient; it also refreshes their stale
-          scores); the first
-          `warmup_epochs` and the last `final_full_fraction` of epochs use all data.
+          A PI controller sets how many to train (ast.controller.target_rate, +-ast.rate_band per step);
+          ast.batch_policy=sample draws which ones, with a keep probability rising with the score and never zero.
+  epoch   no extra forward: each sample's score is the loss it had when last trained. ast.epoch_policy=infobatch
+          prunes, at random, the samples whose last loss is below the mean (InfoBatch's rule) until the epoch holds
+          target_rate of the data; every sample keeps a chance (ast.uniform_mix). The first `warmup_epochs` and
+          the last `final_full_fraction` of epochs use all data.
   random  a uniform random subset at the same rate through the same machinery (`match` copies the exact
           sample counts of another compare run).
   budget  full data, training cut to the backward-sample budget of another run (`budget_of`).
+  curriculum  easy-to-hard control: `match`'s per-epoch sample counts, drawn at random from the easiest samples by
+          last-seen loss, a pool that grows over the run (ast.pacing, curriculum_start, curriculum_ramp).
+Measured on real held-out data (bench/ast_quality.py, docs/BENCHMARKS.md): both modes beat random at the same
+backward samples in every setting tried; the old policies stay selectable (ast.batch_policy / epoch_policy=top).
 """
-import csv
 import json
 import math
 import sys
@@ -43,11 +46,15 @@ from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, T
                       build_optimizer, check_micro_batch, per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
 from lib.models import ModelConfig, build_model
-from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, per_sample_loss,
-                           significance)
-from lib.storage import StorageError, format_report, run_report
+from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, gradient_proxy,
+                           importance_weights, inclusion_probabilities, per_sample_loss, significance,
+                           stratified_counts, systematic_sample)
+from lib.compare import load_predictions, save_predictions, write_comparison
+from lib.storage import StorageError, atomic_write_json, format_report, run_report
 
-MODES = ("full", "batch", "epoch", "random", "budget")
+MODES = ("full", "batch", "epoch", "random", "budget", "curriculum")
+BATCH_POLICIES = ("sample", "top")
+EPOCH_POLICIES = ("sample", "infobatch", "top")
 
 
 # ----------------------------------------------------------------------------- config
@@ -73,17 +80,36 @@ class ASTConfig:
     # batch mode
     score_batch: int = 0            # samples scored per optimizer step over all ranks (0 = loop.global_batch)
     score_resolution: int = 0       # px of the scoring forward (0 = training resolution; lower = cheaper)
+    rate_band: float = 0.02         # every step trains target_rate +- this share of the scored batch; the
+                                    # controller holds the mean on the target inside the band
     round_to: int = 32              # trained subset rounded up to a multiple with the next-highest scores: few
                                     # distinct shapes, each autotuned once by cuDNN (measured on an H100: every
                                     # new size costs 2-10 s of autotuning; with heuristics instead, a ~100-sample
                                     # step took as long as a 256-sample one)
+    # which samples to train (measured in bench/ast_quality.py, issue 20): `sample` = drawn at random with a keep
+    # probability that rises with the score and never falls below uniform_mix x the average (a bounded gradient
+    # proxy, see lib/selection.py); `top` = the highest scores (batch mode: above the controller's threshold;
+    # epoch mode: top + a random explore_rate share, inverse-probability weighted); `infobatch` (epoch mode) =
+    # InfoBatch's rule: samples below the mean score are the ones pruned, at random
+    batch_policy: str = "sample"    # batch mode: sample | top
+    epoch_policy: str = "infobatch"  # epoch mode: sample | infobatch | top
+    uniform_mix: float = 0.3        # sample/infobatch: share of each keep probability spread uniformly (the floor)
+    weight_power: float = 0.0       # sample/infobatch: loss weight (1/keep probability)^power, mean 1 in a step.
+                                    # 0 = unweighted (measured best in both modes); 1 = unbiased estimate of the
+                                    # full-data gradient (weights up to 1 / uniform_mix)
+    class_balanced: bool = False    # epoch mode: keep each class's share of the plan (stratified by label)
     # batch + epoch modes
     warmup_epochs: int = 1          # batch + epoch modes: first epochs on all data (hard-sample selection from
                                     # step 0 destabilizes training; epoch mode also needs every sample scored)
     final_full_fraction: float = 0.1  # last fraction of epochs on all data
-    explore_rate: float = 0.02      # share of the data kept at random from below the threshold (reweighted)
+    explore_rate: float = 0.02      # epoch_policy=top: share of the data kept at random from below the threshold
     # controls
     random_granularity: str = "batch"  # random: select per batch or per epoch (when `match` does not say)
+    pacing: str = "root"            # curriculum: how the pool of easiest samples grows: root (Platanios et al.,
+                                    # 2019: sqrt growth) | linear
+    curriculum_start: float = 0.3   # curriculum: share of the data (easiest first) in the pool at the first sparse
+                                    # epoch; at least the epoch's kept share
+    curriculum_ramp: float = 0.8    # curriculum: share of the run after which the pool holds all data
     match: str = ""                 # random: copy the per-step / per-epoch sample counts of this compare run
     budget_of: str = ""             # budget: as many backward samples as this compare run used
     budget_samples: int = 0         # budget: ... or this many backward samples
@@ -97,9 +123,22 @@ class ASTConfig:
         check_score(self.score)
         if self.random_granularity not in ("batch", "epoch"):
             raise ConfigError(f"ast.random_granularity must be batch or epoch, got '{self.random_granularity}'")
-        if self.mode == "epoch" and not 0 < self.explore_rate < self.controller.target_rate:
+        if self.batch_policy not in BATCH_POLICIES:
+            raise ConfigError(f"ast.batch_policy must be one of {', '.join(BATCH_POLICIES)}, got '{self.batch_policy}'")
+        if self.epoch_policy not in EPOCH_POLICIES:
+            raise ConfigError(f"ast.epoch_policy must be one of {', '.join(EPOCH_POLICIES)}, got '{self.epoch_policy}'")
+        if not 0 <= self.weight_power <= 1:
+            raise ConfigError(f"ast.weight_power must be in [0, 1] (0 = unweighted, 1 = unbiased), got {self.weight_power}")
+        if not 0 < self.uniform_mix <= 1:
+            raise ConfigError(f"ast.uniform_mix must be in (0, 1] (1 = uniform random), got {self.uniform_mix}")
+        if self.mode == "epoch" and self.epoch_policy == "top" and \
+                not 0 < self.explore_rate < self.controller.target_rate:
             raise ConfigError(f"ast.explore_rate={self.explore_rate} must be in (0, target_rate="
                               f"{self.controller.target_rate}): explored samples count towards the rate")
+        if self.pacing not in ("root", "linear"):
+            raise ConfigError(f"ast.pacing must be root or linear, got '{self.pacing}'")
+        if not 0 < self.curriculum_start <= 1 or not 0 < self.curriculum_ramp <= 1:
+            raise ConfigError("ast.curriculum_start and ast.curriculum_ramp must be in (0, 1]")
         if not 0 <= self.final_full_fraction < 1:
             raise ConfigError(f"ast.final_full_fraction must be in [0, 1), got {self.final_full_fraction}")
 
@@ -108,8 +147,18 @@ class ASTConfig:
 class CompareConfig:
     enabled: bool = False           # run the listed variants back to back and write compare.md / compare.csv
     # name -> overrides of this config, e.g. {random: {ast: {mode: random, match: ast}}}; empty = the defaults:
-    # full, ast (this config's ast section), random (matched to ast), budget (matched to ast)
+    # full, ast (this config's ast section), random, budget and curriculum (each matched to ast)
     runs: dict[str, dict] = field(default_factory=dict)
+    seeds: int = 1                  # run every variant with seeds run.seed, run.seed + 1, ...: mean +- std and a
+                                    # paired t-test of AST - control over seeds in compare.md
+    warmup_steps: int = 20          # CUDA only: steps of a throwaway run before the first variant, so one-time
+                                    # costs (CUDA/cuDNN start-up, autotuning) are charged to no variant
+
+    def validate(self):
+        if self.seeds < 1:
+            raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"compare.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -153,39 +202,56 @@ class bn_momentum:
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, task):
-    """Top-1 / top-5 accuracy (classification) or MSE (regression) on the loader, summed over ranks."""
+def evaluate(model, loader, autocast, task, num_test):
+    """Top-1 / top-5 accuracy (classification) or MSE (regression) on the test loader, and the per-sample results in
+    test-set order. Each sample counts once, also under DDP, where the last shard is padded with repeats: results
+    are written into one slot per sample index and combined over ranks."""
     model.eval()
     loader.set_epoch(0)
-    totals = torch.zeros(3, device=next(model.parameters()).device)  # correct1, correct5 | sq_err, count
-    for x, y, _ in loader:
+    device = next(model.parameters()).device
+    first = torch.zeros(num_test, device=device)   # correct at top-1 | squared error
+    top5 = torch.zeros(num_test, device=device)
+    labels = torch.full((num_test,), -1, dtype=torch.long, device=device)
+    seen = torch.zeros(num_test, device=device)
+    for x, y, idx in loader:
         with autocast():
             out = model(x)
         if task == "classification":
-            top = out.float().topk(min(5, out.shape[1]), dim=1).indices  # (B, 5)
-            hit = top == y[:, None]
-            totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=hit.device)])
+            hit = out.float().topk(min(5, out.shape[1]), dim=1).indices == y[:, None]  # (B, 5)
+            first[idx] = hit[:, 0].float()
+            top5[idx] = hit.any(1).float()
+            labels[idx] = y
         else:
-            err = per_sample_loss(out.float(), y, task)
-            totals += torch.stack([err.sum(), err.sum(), torch.tensor(float(len(y)), device=err.device)])
-    dist.all_reduce_sum(totals)
+            first[idx] = per_sample_loss(out.float(), y, task)
+        seen[idx] = 1.0
+    if dist.is_dist():  # a sample evaluated on two ranks wrote the same slot twice; MAX keeps one copy
+        for t in (first, top5, labels, seen):
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     model.train()
-    c1, c5, n = totals.tolist()
+    n = max(int(seen.sum().item()), 1)
+    valid = seen.bool().cpu()
     if task == "classification":
-        return {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1)}
-    return {"mse": c1 / max(n, 1)}
+        metrics = {"top1": float(first.sum()) / n, "top5": float(top5.sum()) / n}
+        per_sample = {"correct": first.cpu()[valid].to(torch.uint8).numpy(), "label": labels.cpu()[valid].numpy()}
+    else:
+        metrics = {"mse": float(first.sum()) / n}
+        per_sample = {"squared_error": first.cpu()[valid].numpy()}
+    per_sample["index"] = torch.nonzero(valid).flatten().numpy()
+    return metrics, per_sample
 
 
 def epoch_size(cfg, epoch, num_train, count=None):
-    """Samples epoch mode trains on in `epoch`: all of them in the warm-up and final epochs, else the kept
-    share (`count` copies another run's number); None means all data."""
+    """Samples an epoch-wise run trains on in `epoch`: all of them in the warm-up and final epochs, else the kept
+    share; `count` (another run's number for this epoch, when matching it) overrides both. None means all data."""
+    if count is not None:
+        return None if count >= num_train else max(1, count)
     final_full = math.ceil(cfg.ast.final_full_fraction * cfg.run.epochs)
     if epoch < cfg.ast.warmup_epochs or epoch >= cfg.run.epochs - final_full:
         return None
-    return count if count is not None else max(1, round(cfg.ast.controller.target_rate * num_train))
+    return max(1, round(cfg.ast.controller.target_rate * num_train))
 
 
-def plan_epoch(cfg, epoch, scores, num_train, count=None):
+def plan_epoch(cfg, epoch, scores, num_train, task="classification", labels=None, num_classes=0, count=None):
     """Epoch-mode sample plan: (indices or None for all data, per-sample weights or None, threshold)."""
     ast = cfg.ast
     n_keep = epoch_size(cfg, epoch, num_train, count)
@@ -194,15 +260,63 @@ def plan_epoch(cfg, epoch, scores, num_train, count=None):
     g = torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch)
     if ast.mode == "random":
         return torch.randperm(num_train, generator=g)[:n_keep], None, float("nan")
-    # The threshold is the exact quantile of the last-seen scores (all known here), so the rate is held
-    # exactly; the PI controller is for batch mode, where scores arrive one batch at a time.
+    scores = scores.detach().float().cpu()
+    if ast.mode == "curriculum":
+        return plan_curriculum(ast, epoch / cfg.run.epochs, scores, num_train, n_keep, g), None, float("nan")
+    if ast.epoch_policy == "top":
+        return _plan_top_explore(ast, scores, num_train, n_keep, g)
+    if ast.epoch_policy == "infobatch":
+        # InfoBatch (Qin et al., ICLR 2024): samples whose last loss is below the mean are "well learned" and
+        # pruned at random; the others are kept. Here the pruning share follows from the budget n_keep.
+        finite = scores[torch.isfinite(scores)]
+        mean = finite.mean() if finite.numel() else torch.tensor(0.0)
+        proxy = (scores >= mean).float()
+        threshold = float(mean)
+    else:
+        proxy = gradient_proxy(scores, ast.score, task)
+        threshold = float("nan")
+    if ast.class_balanced and labels is not None:
+        labels = torch.as_tensor(labels).cpu().long()
+        p = torch.zeros(num_train, dtype=torch.float64)
+        picked = []
+        for c, k_c in enumerate(stratified_counts(labels, n_keep, num_classes).tolist()):
+            members = torch.nonzero(labels == c).flatten()
+            if k_c == 0:
+                continue
+            p_c = inclusion_probabilities(proxy[members].double(), k_c, ast.uniform_mix)
+            p[members] = p_c
+            picked.append(members[systematic_sample(p_c, k_c, g)])
+        keep = torch.cat(picked)
+    else:
+        p = inclusion_probabilities(proxy.double(), n_keep, ast.uniform_mix)
+        keep = systematic_sample(p, n_keep, g)
+    if ast.weight_power == 0:
+        return keep, None, threshold
+    weights = torch.zeros(num_train)
+    weights[keep] = importance_weights(p, keep, n_keep, num_train, ast.weight_power).float()
+    return keep, weights, threshold
+
+
+def plan_curriculum(ast, progress, scores, num_train, n_keep, g):
+    """The curriculum control: n_keep samples drawn at random from the easiest part of the data by last-seen loss,
+    a pool that grows with the run's progress (0..1) by the pacing function, from curriculum_start of the data to
+    all of it at curriculum_ramp (easy-to-hard curriculum learning: Bengio et al., 2009; competence-based pacing:
+    Platanios et al., 2019; the pacing functions of Hacohen & Weinshall, 2019). Unscored samples count as hardest."""
+    start, t = ast.curriculum_start, min(1.0, progress / ast.curriculum_ramp)
+    competence = math.sqrt(start ** 2 + (1 - start ** 2) * t) if ast.pacing == "root" else start + (1 - start) * t
+    pool = torch.argsort(scores)[:max(n_keep, min(num_train, math.ceil(competence * num_train)))]
+    return pool[torch.randperm(len(pool), generator=g)[:n_keep]]
+
+
+def _plan_top_explore(ast, scores, num_train, n_keep, g):
+    """epoch_policy=top: the highest last-seen scores plus a random `explore_rate` share of the rest, weighted by
+    the inverse keep probability (Horvitz-Thompson). The explored samples carry most of the weight: at 10% with
+    2% explored they get ~92% of it, which is why this is no longer the default (issue 20)."""
     p = ast.explore_rate
-    order = torch.argsort(scores.cpu(), descending=True)  # never-scored samples (+inf) come first
+    order = torch.argsort(scores, descending=True)  # never-scored samples (+inf) come first
     n_high = min(n_keep, round((ast.controller.target_rate - p) / (1 - p) * num_train))
     high, low = order[:n_high], order[n_high:]
     explored = low[torch.randperm(len(low), generator=g)[:n_keep - n_high]]
-    # Horvitz-Thompson weights rate / keep_probability: each step's loss stays an unbiased estimate of the
-    # full-data mean (kept samples average weight 1), so a sparse step is no larger than a full one.
     rate = n_keep / num_train
     weights = torch.full((num_train,), rate)
     weights[explored] = rate * len(low) / max(1, len(explored))
@@ -221,9 +335,11 @@ def train(cfg, info, run_dir, reference=None):
     else:
         granularity = ast.random_granularity
     batch_like = mode == "batch" or (mode == "random" and granularity == "batch")
-    epoch_like = mode == "epoch" or (mode == "random" and granularity == "epoch")
+    epoch_like = mode in ("epoch", "curriculum") or (mode == "random" and granularity == "epoch")
     device = info.device
     main_rank = dist.is_main()
+    if cfg.run.resume != "none":
+        check_same_config(run_dir, cfg)  # before config.yaml is rewritten: never resume another config's run
     if main_rank:
         write_run_info(run_dir, cfg, device)
 
@@ -252,6 +368,12 @@ def train(cfg, info, run_dir, reference=None):
     n = data.num_train
     n_rank = lambda count: (count // info.world_size) // loader_batch  # batches a rank gets from `count` samples
     match_counts = reference.get(ast.match, {}).get("counts") if ast.match else None
+    if epoch_like and match_counts and reference[ast.match].get("mode") in ("batch", "random") \
+            and len(match_counts) > cfg.run.epochs:
+        # an epoch-wise control matched to a batch-mode run: the same backward samples per epoch
+        per_epoch = len(match_counts) // cfg.run.epochs
+        match_counts = [info.world_size * sum(match_counts[e * per_epoch:(e + 1) * per_epoch])
+                        for e in range(cfg.run.epochs)]
     if epoch_like:
         sizes = [epoch_size(cfg, e, n, match_counts[e] if match_counts else None) for e in range(cfg.run.epochs)]
         total_steps = sum(n_rank(n if size is None else size) for size in sizes)
@@ -280,6 +402,7 @@ def train(cfg, info, run_dir, reference=None):
     controller = PIController(ast.controller, device)
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 17 * info.rank)
     scores = torch.full((n,), float("inf"), device=device)  # epoch mode: last-seen score per sample
+    train_labels = training_labels(data.train) if ast.class_balanced else None
     seen = torch.zeros(n, dtype=torch.bool, device=device)
     say(f"[{run_dir.name}] mode={mode} model={cfg.model.name} train={n} steps={total_steps} "
         f"global batch={cfg.loop.global_batch} per rank={per_rank} micro={micro or per_rank} "
@@ -323,6 +446,18 @@ def train(cfg, info, run_dir, reference=None):
         return loss
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main_rank)
+
+    def evaluate_into_curve(epoch_done):
+        result, per_sample = evaluate(model, data.test, step_fn.autocast, task, data.num_test)
+        counters["curve"].append({"epoch": epoch_done, "step": counters["step"],
+                                  "train_seconds": counters["train_seconds"], **result})
+        metrics.write(kind="eval", epoch=epoch_done, step=counters["step"], train_seconds=counters["train_seconds"],
+                      **result)
+        say(f"[{run_dir.name}] epoch {epoch_done}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items())
+            + f" train {counters['train_seconds']:.1f}s")
+        return per_sample
+
+    predictions = None
     meter = EnergyMeter(device)
     window = {"loss": torch.zeros((), device=device), "steps": 0, "selected": 0, "offered": 0}
     throughput = Throughput(device)
@@ -334,11 +469,19 @@ def train(cfg, info, run_dir, reference=None):
             weights = None
             plan_idx = None
             if epoch_like:
-                count = match_counts[epoch] if match_counts else None
-                plan_idx, weights_cpu, threshold = plan_epoch(cfg, epoch, scores, n, count)
+                plan = counters.get("plan")
+                if counters["batch_in_epoch"] > 0 and plan is not None and plan["epoch"] == epoch:
+                    # resumed inside this epoch: its plan was made from the scores at its start, which training
+                    # has updated since; re-planning would train other samples than the uninterrupted run did
+                    plan_idx, weights_cpu = plan["indices"], plan["weights"]
+                else:
+                    count = match_counts[epoch] if match_counts else None
+                    plan_idx, weights_cpu, threshold = plan_epoch(cfg, epoch, scores, n, task, train_labels,
+                                                                  data.num_classes, count)
+                    counters["plan"] = {"epoch": epoch, "indices": plan_idx, "weights": weights_cpu}
+                    metrics.write(kind="epoch_plan", epoch=epoch, selected=n if plan_idx is None else len(plan_idx),
+                                  rate=1.0 if plan_idx is None else len(plan_idx) / n, threshold=threshold)
                 weights = weights_cpu.to(device) if weights_cpu is not None else None
-                metrics.write(kind="epoch_plan", epoch=epoch, selected=n if plan_idx is None else len(plan_idx),
-                              rate=1.0 if plan_idx is None else len(plan_idx) / n, threshold=threshold)
                 if counters["batch_in_epoch"] == 0 and len(counters["counts"]) == epoch:
                     counters["counts"].append(n if plan_idx is None else len(plan_idx))
             data.train.set_epoch(epoch, indices=plan_idx, start_batch=counters["batch_in_epoch"])
@@ -357,11 +500,10 @@ def train(cfg, info, run_dir, reference=None):
                     offered = x.shape[0]
                     w = None
                 elif batch_like:
-                    x, y, idx, offered, scored = select_batch(cfg, model, bn_layers, x, y, idx, controller, gen,
-                                                     step_fn, capture, task, match_counts, counters)
+                    x, y, idx, w, offered, scored = select_batch(cfg, model, bn_layers, x, y, idx, controller, gen,
+                                                                 step_fn, capture, task, match_counts, counters)
                     counters["score_forward_samples"] += scored
                     scored_here = scored > 0 and ast.score_resolution in (0, x.shape[-1])
-                    w = None
                 if batch_like:
                     counters["offered_samples"] += offered
                     window["offered"] += offered
@@ -416,18 +558,18 @@ def train(cfg, info, run_dir, reference=None):
                 dist.cleanup()
                 sys.exit(0)
             if (epoch + 1) % cfg.run.eval_every == 0 or done or epoch + 1 == cfg.run.epochs:
-                result = evaluate(model, data.test, step_fn.autocast, task)
-                counters["curve"].append({"epoch": epoch + 1, "step": counters["step"],
-                                          "train_seconds": counters["train_seconds"], **result})
-                metrics.write(kind="eval", epoch=epoch + 1, step=counters["step"],
-                              train_seconds=counters["train_seconds"], **result)
-                say(f"[{run_dir.name}] epoch {epoch + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items())
-                    + f" train {counters['train_seconds']:.1f}s")
+                predictions = evaluate_into_curve(epoch + 1)
             save_checkpoint()
-    metrics.close()
     if capture:
         capture.close()
-    final = counters["curve"][-1] if counters["curve"] else evaluate(model, data.test, step_fn.autocast, task)
+    # the final evaluation belongs to the final step: a run stopped right after its last step (SIGTERM) and rerun
+    # evaluates here instead of reporting the curve's previous point
+    if not counters["curve"] or counters["curve"][-1]["step"] != counters["step"]:
+        predictions = evaluate_into_curve(min(cfg.run.epochs, counters["epoch"] + (counters["batch_in_epoch"] > 0)))
+    metrics.close()
+    final = counters["curve"][-1]
+    if main_rank and predictions is not None:
+        save_predictions(run_dir, predictions)
     scored = counters["score_forward_samples"]
     summary = {
         "name": run_dir.name, "mode": mode, "steps": counters["step"], "num_classes": data.num_classes,
@@ -441,23 +583,43 @@ def train(cfg, info, run_dir, reference=None):
                                                               counters["backward_samples"]),
         "skipped_files": getattr(data.train, "skipped", 0), "nonfinite_skipped": int(step_fn.nonfinite_total.item()),
         "counts": counters["counts"], "curve": counters["curve"],
+        # what compare.md needs to explain the run and pair it with its controls
+        "target_rate": ast.controller.target_rate if mode != "full" else 1.0, "match": ast.match,
+        "budget_of": ast.budget_of, "epochs": cfg.run.epochs, "run_dir": str(run_dir), "classes": data.classes,
+        **phase_rates(cfg, counters["counts"], n, loader_batch, batch_like, epoch_like),
         **{k: v for k, v in final.items() if k in ("top1", "top5", "mse")},
     }
     if main_rank:
-        (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(run_dir / "result.json", summary)
     return summary
+
+
+def phase_rates(cfg, counts, num_train, loader_batch, batch_like, epoch_like):
+    """Epochs on all data (warm-up, final) and the activation rate of the sparse phase alone, from the counts."""
+    if epoch_like:
+        sparse = [c for e, c in enumerate(counts) if epoch_size(cfg, e, num_train) is not None]
+        return {"full_data_epochs": cfg.run.epochs - len(sparse),
+                "sparse_activation_rate": sum(sparse) / (num_train * len(sparse)) if sparse else None}
+    if batch_like:
+        sparse = [c for c in counts if c < loader_batch]
+        return {"full_data_epochs": min(cfg.ast.warmup_epochs, cfg.run.epochs),
+                "sparse_activation_rate": sum(sparse) / (loader_batch * len(sparse)) if sparse else None}
+    return {"full_data_epochs": cfg.run.epochs, "sparse_activation_rate": None}
 
 
 def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, capture, task, match_counts,
                  counters):
-    """Batch mode: score the batch without grad, pick the subset; returns it gathered, offered and scored counts."""
+    """Batch mode: score the batch without grad, pick the subset; returns it gathered with its loss weights (None =
+    plain mean), and the offered and scored counts."""
     ast = cfg.ast
     batch = x.shape[0]
+    weights = None
     if ast.mode == "random":
         if match_counts:
             k = match_counts[min(counters["step"], len(match_counts) - 1)]
         else:
-            k = min(batch, math.ceil(ast.controller.target_rate * batch / ast.round_to) * ast.round_to)
+            rate = ast.controller.target_rate
+            k = subset_size(round(rate * batch), batch, rate, ast.round_to, ast.rate_band)
         selected = torch.randperm(batch, device=x.device, generator=gen)[:k]
         scored = 0  # the random control needs no scores: unselected samples cost nothing
     else:
@@ -473,9 +635,17 @@ def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, cap
                              features=capture.features if capture else None)
         mask = controller.select(s, generator=gen)
         k = int(mask.sum())  # the one host sync per step: the subset size sets the shapes below
-        k = subset_size(k, batch, ast.controller.target_rate, ast.round_to)
-        priority = torch.where(mask, torch.full_like(s, float("inf")), s)
-        selected = priority.topk(k, sorted=False).indices
+        k = subset_size(k, batch, ast.controller.target_rate, ast.round_to, ast.rate_band)
+        if ast.batch_policy == "sample":
+            # the controller decides how many, the scores which: drawn with keep probabilities that rise with the
+            # gradient proxy and never fall to zero (see lib/selection.py)
+            p = inclusion_probabilities(gradient_proxy(s, ast.score, task), k, ast.uniform_mix)
+            selected = systematic_sample(p, k, generator=gen)
+            if ast.weight_power > 0:
+                weights = importance_weights(p, selected, k, batch, ast.weight_power)
+        else:
+            priority = torch.where(mask, torch.full_like(s, float("inf")), s)
+            selected = priority.topk(k, sorted=False).indices
         chosen = torch.zeros(batch, dtype=torch.bool, device=x.device)
         chosen[selected] = True
         controller.update(chosen)
@@ -484,18 +654,37 @@ def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, cap
     x = x[selected]  # (k, C, H, W): the gather may drop channels_last
     if x.dim() == 4 and cfg.loop.channels_last and x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y[selected], idx[selected], batch, scored
+    return x, y[selected], idx[selected], weights, batch, scored
 
 
-def subset_size(k, batch, target_rate, round_to):
-    """Round the selected count up to a multiple of `round_to`, within one bucket of the target size.
+def subset_size(k, batch, target_rate, round_to, band=0.02):
+    """The number of samples to train this step: the controller's count `k`, rounded up to a multiple of a bucket
+    and kept within target_rate +- band of the batch.
 
-    The band keeps per-step compute bounded and the set of shapes small (each new shape costs cuDNN
-    autotuning); the controller counts what is finally trained, so the rate it holds is the real one.
+    Buckets keep the set of shapes small (each new shape costs cuDNN autotuning: `round_to` samples where the
+    band is wide enough, a power of two that fits it otherwise); the band keeps every step's rate within
+    +-band of the target while the controller, which counts what is finally trained, holds the mean on it.
     """
-    target = max(round_to, math.ceil(target_rate * batch / round_to) * round_to)
-    k = math.ceil(max(k, 1) / round_to) * round_to
-    return min(batch, max(target - round_to, round_to, min(k, target + round_to)))
+    target_k = target_rate * batch
+    low = max(1, math.ceil((target_rate - band) * batch - 1e-9))
+    high = min(batch, math.floor((target_rate + band) * batch + 1e-9))
+    if high < low:  # a band narrower than one sample: the nearest count
+        low = high = min(batch, max(1, round(target_k)))
+    step = max(1, min(round_to, 2 ** int(math.floor(math.log2(max(1.0, (high - low) / 2))))))
+    first, last = math.ceil(low / step) * step, (high // step) * step
+    if first > last:
+        first = last = max(low, min(high, round(target_k)))
+        step = 1
+    k = math.ceil(max(k, 1) / step) * step
+    return min(last, max(first, k))
+
+
+def training_labels(loader):
+    """Labels of the whole training split in dataset order (for class-balanced plans), or None if unknown."""
+    labels = getattr(loader, "labels", None)
+    if labels is None:  # ImageFolderLoader keeps them in its worker-side dataset
+        labels = getattr(getattr(getattr(loader, "_loader", None), "dataset", None), "labels", None)
+    return None if labels is None else torch.as_tensor(labels).cpu()
 
 
 def sync_scores(scores, seen):
@@ -526,111 +715,86 @@ def auto_micro_batch(model, data, cfg, per_rank, task):
 # ----------------------------------------------------------------------------- comparison
 DEFAULT_COMPARE = {"full": {"ast": {"mode": "full"}}, "ast": {},
                    "random": {"ast": {"mode": "random", "match": "ast"}},
-                   "budget": {"ast": {"mode": "budget", "budget_of": "ast"}}}
+                   "budget": {"ast": {"mode": "budget", "budget_of": "ast"}},
+                   "curriculum": {"ast": {"mode": "curriculum", "match": "ast"}}}
+# keys a rerun may change without invalidating a finished or checkpointed run (where it runs, how it reports)
+MAY_CHANGE = ("run.resume", "run.device", "run.out_dir", "run.keep_checkpoints", "run.checkpoint_every",
+              "data.workers", "data.prefetch", "data.root", "loop.log_every", "compare.enabled", "compare.seeds",
+              "compare.warmup_steps")
+
+
+def config_changes(saved, new, prefix=""):
+    """Keys whose value differs between two plain-data configs, as 'key: old -> new' strings."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        full = f"{prefix}{key}"
+        old, cur = saved.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(cur, dict):
+            out += config_changes(old, cur, f"{full}.")
+        elif old != cur and full not in MAY_CHANGE:
+            out.append(f"{full}: {old!r} -> {cur!r}")
+    return out
+
+
+def check_same_config(run_dir, cfg):
+    """Refuse a run folder written with another config (a finished variant to reuse, or checkpoints to resume)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    import yaml
+    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    if changes:
+        raise ConfigError(f"{run_dir} holds a run made with another config ({'; '.join(changes[:6])}"
+                          f"{'; ...' if len(changes) > 6 else ''}). Use another run.name (or run.out_dir) for the new "
+                          f"config, or delete {run_dir} to train it again")
+
+
+def warm_up(cfg, overrides, info, root):
+    """Train a throwaway copy of the first variant for compare.warmup_steps steps, so that one-time costs (CUDA
+    and cuDNN start-up, autotuning the batch shapes) are charged to no variant's train_seconds."""
+    import shutil
+    scratch = root / ".warmup"
+    wcfg = merge(merge(cfg, overrides), {"compare": {"enabled": False},
+                                         "run": {"max_steps": cfg.compare.warmup_steps, "resume": "none",
+                                                 "eval_every": 10 ** 6}})
+    try:
+        train(wcfg, info, scratch)
+    finally:
+        if dist.is_main():
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_compare(cfg, info):
-    """Run the variants back to back with the same seed; write compare.md / compare.csv (and plots)."""
+    """Run the variants back to back, per seed (compare.seeds); write compare.md, compare.csv and per_class.csv.
+
+    Returns {name: summary} for one seed, {seed: {name: summary}} for several. A variant whose result.json exists
+    is reused (a preempted comparison resumes where it stopped) if its folder's config equals this one's.
+    """
     root = Path(cfg.run.out_dir) / cfg.run.name
     variants = cfg.compare.runs or DEFAULT_COMPARE
-    results = {}
-    for name, overrides in variants.items():
-        vcfg = merge(cfg, overrides)
-        vcfg = merge(vcfg, {"compare": {"enabled": False}})
-        run_dir = root / name
-        done_file = run_dir / "result.json"
-        if done_file.is_file() and vcfg.run.resume != "none":
-            results[name] = json.loads(done_file.read_text())  # finished before a preemption: keep it
-            say(f"[{name}] already finished, reusing {done_file}")
-            continue
-        results[name] = train(vcfg, info, run_dir, reference=results)
+    seeds = [cfg.run.seed + s for s in range(cfg.compare.seeds)]
+    results, predictions = {}, {}
+    warmed = cfg.compare.warmup_steps == 0 or info.device.type != "cuda"
+    for seed in seeds:
+        folder = root if len(seeds) == 1 else root / f"seed-{seed}"
+        results[seed] = {}
+        for name, overrides in variants.items():
+            vcfg = merge(merge(cfg, overrides), {"compare": {"enabled": False}, "run": {"seed": seed}})
+            run_dir = folder / name
+            done_file = run_dir / "result.json"
+            if done_file.is_file() and vcfg.run.resume != "none":
+                check_same_config(run_dir, vcfg)
+                results[seed][name] = json.loads(done_file.read_text())  # finished before a preemption: keep it
+                say(f"[{name}] already finished, reusing {done_file}")
+            else:
+                if not warmed:
+                    warm_up(cfg, overrides, info, root)
+                    warmed = True
+                results[seed][name] = train(vcfg, info, run_dir, reference=results[seed])
+            predictions[(seed, name)] = load_predictions(run_dir)
     if dist.is_main():
-        write_comparison(root, results)
-    return results
-
-
-def write_comparison(root, results):
-    """compare.md + compare.csv with measured numbers only, plus PNG plots when matplotlib is installed."""
-    full = results.get("full")
-    rows = []
-    for name, r in results.items():
-        speedup = full["train_seconds"] / r["train_seconds"] if full and r["train_seconds"] > 0 else None
-        rows.append({"run": name, "mode": r["mode"], "top1": r.get("top1"), "top5": r.get("top5"),
-                     "mse": r.get("mse"), "train_seconds": r["train_seconds"],
-                     "forward_samples": r["forward_samples"], "backward_samples": r["backward_samples"],
-                     "activation_rate": r["activation_rate"], "speedup_vs_full": speedup,
-                     "energy_j": r["energy_j"]})
-    show_top5 = any(r.get("top5") is not None and r.get("num_classes", 0) > 10 for r in results.values())
-    keys = ["run", "mode", "top1"] + (["top5"] if show_top5 else []) + \
-        ["train_seconds", "forward_samples", "backward_samples", "activation_rate", "speedup_vs_full", "energy_j"]
-    if all(r.get("top1") is None for r in rows):
-        keys[keys.index("top1")] = "mse"
-    with open(root / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("not measured" if k == "energy_j" and row[k] is None else row[k]) for k in keys})
-
-    def fmt(k, v):
-        if v is None:
-            return "not measured" if k == "energy_j" else "-"
-        if k in ("top1", "top5", "activation_rate"):
-            return f"{100 * v:.2f}%"
-        if k in ("train_seconds", "energy_j"):
-            return f"{v:.1f}"
-        if k == "speedup_vs_full":
-            return f"{v:.2f}x"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(k, row[k]) for k in keys) + " |" for row in rows]
-    table = "\n".join(lines)
-    text = (f"# Comparison: {root.name}\n\nAll numbers measured in this run (same seed, same machine, one after "
-            f"another). train_seconds excludes evaluation; forward_samples includes the scoring forward of batch "
-            f"mode; energy is the GPU driver's counter (NVML), 'not measured' where there is none.\n\n{table}\n")
-    (root / "compare.md").write_text(text)
-    print(table)
-    plot_comparison(root, results)
-
-
-def plot_comparison(root, results):
-    """accuracy_vs_time.png and controller.png (threshold and activation rate per step), if matplotlib exists."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib not installed: skipping plots (pip install matplotlib)")
-        return
-    metric = "top1" if any(c.get("top1") is not None for r in results.values() for c in r["curve"]) else "mse"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        ax.plot([c["train_seconds"] for c in r["curve"]], [c.get(metric) for c in r["curve"]], marker="o",
-                label=name)
-    ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel(f"test {metric}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "accuracy_vs_time.png", dpi=100)
-    plt.close(fig)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    for name in results:
-        path = root / name / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        rec = [json.loads(line) for line in path.read_text().splitlines()]
-        rec = [r for r in rec if r.get("kind") == "train" and "activation_rate" in r]
-        if rec:
-            ax1.plot([r["step"] for r in rec], [r["threshold"] for r in rec], label=name)
-            ax2.plot([r["step"] for r in rec], [r["activation_rate"] for r in rec], label=name)
-    ax1.set_ylabel("threshold")
-    ax2.set_ylabel("activation rate")
-    ax2.set_xlabel("step")
-    if ax1.lines:
-        ax1.legend()
-    fig.tight_layout()
-    fig.savefig(root / "controller.png", dpi=100)
-    plt.close(fig)
+        write_comparison(root, results, predictions, say=say)
+    return results[seeds[0]] if len(seeds) == 1 else results
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,5 +1,6 @@
 """train_ast.py end to end on CPU: sample accounting per mode, controls, resume equality, bad input."""
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -213,3 +214,170 @@ def test_batchnorm_running_stats_follow_the_stated_policy(tmp_path, monkeypatch)
     warm, sparse = updates[:11], updates[11:]
     assert all(changed for _, changed in warm)      # warm-up: the training forward updates the statistics
     assert not any(changed for _, changed in sparse)  # sparse: the subset forward leaves them (momentum 0)
+
+
+@pytest.mark.parametrize("policy", ["sample", "infobatch", "top"])
+def test_epoch_plans_keep_the_budget_and_favour_high_scores(tmp_path, policy):
+    cfg = tiny(tmp_path, run={"epochs": 40}, ast={"mode": "epoch", "epoch_policy": policy, "warmup_epochs": 1,
+                                                  "final_full_fraction": 0.0, "explore_rate": 0.05})
+    n = 1000
+    scores = torch.linspace(0.0, 1.0, n) ** 2 * 4  # sample i's last loss, rising with i
+    kept = torch.zeros(n)
+    for epoch in range(1, 40):
+        idx, weights, _ = train_ast.plan_epoch(cfg, epoch, scores, n)
+        assert idx.numel() == round(0.25 * n) == idx.unique().numel()
+        kept[idx] += 1
+        if weights is not None:
+            assert weights[idx].mean().item() == pytest.approx(1.0, rel=0.05)
+    low, high = kept[:n // 2].mean(), kept[n // 2:].mean()
+    assert high > 1.5 * low              # favours high scores ...
+    if policy != "top":  # ... but every sample keeps a chance: at least the uniform floor (mix 0.3 x rate 0.25)
+        assert kept[:n // 2].mean() >= 0.8 * 0.3 * 0.25 * 39
+    assert train_ast.plan_epoch(cfg, 0, scores, n)[:2] == (None, None)  # the warm-up epoch: all data
+
+
+def test_class_balanced_plan_keeps_each_class_share(tmp_path):
+    cfg = tiny(tmp_path, run={"epochs": 4}, ast={"mode": "epoch", "class_balanced": True, "final_full_fraction": 0.0})
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    scores = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    scores[labels == 2] = 5.0  # one class is all hard: without balancing it would fill the plan
+    idx, _, _ = train_ast.plan_epoch(cfg, 1, scores, 1000, labels=labels, num_classes=3)
+    assert torch.bincount(labels[idx], minlength=3).tolist() == [150, 75, 25]
+
+
+def test_sampled_batch_mode_trains_on_exactly_the_sampled_subset(tmp_path, counted):
+    cfg = tiny(tmp_path, ast={"mode": "batch", "batch_policy": "sample", "weight_power": 1.0})
+    result = train_ast.main(cfg)["t"]
+    c = counted[0]
+    assert c.backward == c.train_grad == result["backward_samples"] == sum(result["counts"])
+    sparse = result["counts"][11:]
+    assert all(30 <= k <= 34 for k in sparse)  # 128 scored x (25% +- 2 pp), in buckets of 2
+
+
+def _sigterm_at(monkeypatch, step):
+    """Make the training step send SIGTERM to this process after optimizer step `step`."""
+    real_step = train_ast.TrainStep.__call__
+
+    def step_then_signal(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(train_ast.TrainStep, "__call__", step_then_signal)
+    return real_step
+
+
+def _final_weights(run_dir):
+    return checkpoint.load(checkpoint.latest(run_dir / "checkpoints"))["model"]
+
+
+def test_epoch_mode_resumed_inside_a_sparse_epoch_equals_uninterrupted(tmp_path, monkeypatch):
+    """Issue 14 item 1: the epoch plan is checkpointed, so a resume inside a sparse epoch trains the same samples."""
+    over = {"run": {"epochs": 3, "resume": "auto"}, "ast": {"mode": "epoch", "final_full_fraction": 0.0}}
+    ref = train_ast.main(tiny(tmp_path / "ref", **over))["t"]
+    real_step = _sigterm_at(monkeypatch, 50)  # epoch 0 (all data) is 44 steps: step 50 is inside sparse epoch 1
+    with pytest.raises(SystemExit) as exit_info:
+        train_ast.main(tiny(tmp_path / "run", **over))
+    assert exit_info.value.code == 0
+    monkeypatch.setattr(train_ast.TrainStep, "__call__", real_step)
+    result = train_ast.main(tiny(tmp_path / "run", **over))["t"]
+    want, got = _final_weights(tmp_path / "ref" / "t"), _final_weights(tmp_path / "run" / "t")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert result["top1"] == ref["top1"] and result["counts"] == ref["counts"]
+
+
+def test_sigterm_in_the_last_step_then_rerun_reports_the_final_evaluation(tmp_path, monkeypatch):
+    """Issue 14 item 2: the rerun evaluates the final weights instead of reporting the previous epoch's point."""
+    over = {"run": {"epochs": 2, "resume": "auto"}, "ast": {"mode": "full"}}
+    ref = train_ast.main(tiny(tmp_path / "ref", **over))["t"]
+    real_step = _sigterm_at(monkeypatch, ref["steps"])
+    with pytest.raises(SystemExit):
+        train_ast.main(tiny(tmp_path / "run", **over))
+    monkeypatch.setattr(train_ast.TrainStep, "__call__", real_step)
+    result = train_ast.main(tiny(tmp_path / "run", **over))["t"]
+    assert result["steps"] == ref["steps"] and result["top1"] == ref["top1"]
+    assert result["curve"][-1]["step"] == ref["steps"]
+
+
+def test_a_changed_config_is_refused_for_a_finished_variant_and_a_resumed_run(tmp_path):
+    """Issue 14 item 5: a compare rerun with another lr does not reuse the finished variants; nor does a trainer
+    resume a checkpointed folder written with another config."""
+    runs = {"full": {"ast": {"mode": "full"}}}
+    train_ast.main(tiny(tmp_path, run={"epochs": 1, "resume": "auto"}, compare={"enabled": True, "runs": runs}))
+    changed = tiny(tmp_path, run={"epochs": 1, "resume": "auto"}, optim={"lr": 0.02},
+                   compare={"enabled": True, "runs": runs})
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.05 -> 0.02"):
+        train_ast.main(changed)
+    with pytest.raises(ConfigError, match=r"another config \(ast.mode: 'full' -> 'batch'"):
+        train_ast.main(tiny(tmp_path, run={"epochs": 1, "resume": "auto", "name": "t/full"}))
+
+
+def test_curriculum_control_trains_exactly_its_planned_samples(tmp_path, monkeypatch):
+    """Issue 21 item 3: the curriculum run takes the AST run's per-epoch counts and trains only its planned samples,
+    drawn from the easiest part of the data (a pool that grows over the run)."""
+    plans, steps = {}, {}
+    real_plan, real_step = train_ast.plan_epoch, train_ast.TrainStep.__call__
+
+    def record_plan(cfg, epoch, scores, *args, **kwargs):
+        out = real_plan(cfg, epoch, scores, *args, **kwargs)
+        if cfg.ast.mode == "curriculum" and out[0] is not None:
+            plans[epoch] = (out[0].clone(), scores.clone())
+        return out
+
+    def record_step(self, inputs, targets, *args, **kwargs):
+        steps.setdefault(id(self), []).append(targets[1].clone())  # one list per run (one TrainStep each)
+        return real_step(self, inputs, targets, *args, **kwargs)
+    monkeypatch.setattr(train_ast, "plan_epoch", record_plan)
+    monkeypatch.setattr(train_ast.TrainStep, "__call__", record_step)
+    runs = {"ast": {"ast": {"mode": "epoch"}}, "curriculum": {"ast": {"mode": "curriculum", "match": "ast"}}}
+    results = train_ast.main(tiny(tmp_path, run={"epochs": 4}, ast={"final_full_fraction": 0.0},
+                                  compare={"enabled": True, "runs": runs}))
+    assert results["curriculum"]["counts"] == results["ast"]["counts"]
+    assert results["curriculum"]["backward_samples"] == results["ast"]["backward_samples"]
+    assert sorted(plans) == [1, 2, 3]
+    curriculum_steps = list(steps.values())[-1]
+    warm, sparse = 1438 // 32, round(0.25 * 1438) // 32  # steps of the warm-up epoch and of each sparse epoch
+    pools = []
+    for e, epoch in enumerate(sorted(plans)):
+        plan, scores = plans[epoch]
+        got = torch.cat(curriculum_steps[warm + e * sparse:warm + (e + 1) * sparse])
+        assert got.numel() == sparse * 32 == got.unique().numel()
+        assert set(got.tolist()) <= set(plan.tolist())  # trained = planned (less the last partial batch)
+        rank = torch.argsort(torch.argsort(scores))  # 0 = the easiest by last-seen loss
+        competence = math.sqrt(0.3 ** 2 + (1 - 0.3 ** 2) * min(1.0, epoch / 4 / 0.8))  # root pacing, the defaults
+        assert int(rank[plan].max()) < math.ceil(competence * 1438)  # only from the pool of the easiest
+        pools.append(math.ceil(competence * 1438))
+    assert pools[0] < 0.65 * 1438 and pools == sorted(pools) and pools[-1] > 0.95 * 1438  # grows to nearly all
+
+
+def test_two_seed_compare_writes_paired_statistics_and_a_matching_experiment_record(tmp_path):
+    """Issue 21 items 5-6: per-seed runs, paired differences with a t-test, and experiment.yaml holding only
+    numbers that compare.csv (and the runs' results) hold too."""
+    import csv as csv_module
+    import yaml
+    runs = {"full": {"ast": {"mode": "full"}}, "ast": {"ast": {"mode": "epoch"}},
+            "random": {"ast": {"mode": "random", "match": "ast"}}}
+    results = train_ast.main(tiny(tmp_path, run={"epochs": 2}, ast={"final_full_fraction": 0.0},
+                                  compare={"enabled": True, "runs": runs, "seeds": 2}))
+    assert sorted(results) == [0, 1] and all(sorted(r) == ["ast", "full", "random"] for r in results.values())
+    root = tmp_path / "t"
+    assert (root / "seed-0" / "ast" / "result.json").is_file() and (root / "seed-1" / "ast" / "result.json").is_file()
+    rows = {r["run"]: r for r in csv_module.DictReader(open(root / "compare.csv"))}
+    record = yaml.safe_load((root / "experiment.yaml").read_text())["experiments"]
+    assert [e["run"] for e in record] == ["ast"]
+    e = record[0]
+    mean_ast = sum(results[s]["ast"]["top1"] for s in (0, 1)) / 2
+    assert e["ast_top1"] == pytest.approx(float(rows["ast"]["top1"])) == pytest.approx(mean_ast)
+    assert e["baseline_top1"] == pytest.approx(float(rows["full"]["top1"]))
+    assert e["training_time_s"] == pytest.approx(float(rows["ast"]["train_seconds"]))
+    assert e["speedup"] == pytest.approx(float(rows["ast"]["speedup_vs_full"]))
+    assert e["average_activation_rate"] == pytest.approx(float(rows["ast"]["activation_rate"]))
+    assert e["energy_savings"] == "not measured" and rows["ast"]["energy_j"] == "not measured"
+    assert e["ast_top1_per_seed"] == [results[s]["ast"]["top1"] for s in (0, 1)]
+    versus = e["versus"]["random"]
+    diffs = [100 * (results[s]["ast"]["top1"] - results[s]["random"]["top1"]) for s in (0, 1)]
+    assert versus["per_seed"] == pytest.approx(diffs, abs=1e-3)
+    assert versus["mean"] == pytest.approx(sum(diffs) / 2)
+    assert versus["test"] == "paired t-test over seeds"
+    text = (root / "compare.md").read_text()
+    assert "## Verdict" in text and "over 2 seeds" in text and "experiment.yaml" in text
