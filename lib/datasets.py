@@ -3,6 +3,8 @@ tensors with int64 labels, and ImageFolder listings (relative paths + labels). l
 them in the loaders of lib/loaders.py.
 """
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from lib.dist import barrier
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SYNTHETIC_DEFAULT_SIZE = 32     # px, when data.image_size = 0
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: .npz images other than uint8 are stored as float16
+NPZ_LAYOUTS = (("x_train", "y_train", "x_test", "y_test"), ("x", "y"))
 
 
 def mix_seed(*parts):
@@ -103,6 +107,9 @@ def _cifar(cfg, rank, world_size):
 
 def _to_nchw(x, key, path):
     """Arrays as (N, C, H, W): accepts (N, H, W), (N, H, W, C) and (N, C, H, W) with C in 1, 3, 4."""
+    if x.dtype.kind not in "buif":
+        raise ConfigError(f"{path}: {key} has dtype {x.dtype}; expected numbers: uint8 pixels 0..255, or integers / "
+                          f"floats (stored as float16, so within +-{FLOAT16_MAX:g})")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
@@ -113,11 +120,71 @@ def _to_nchw(x, key, path):
                               f"(N, C, H, W) with C in 1, 3 or 4")
     else:
         raise ConfigError(f"{path}: {key} has shape {x.shape}; expected images (N, H, W[, C])")
+    if x.size == 0:
+        raise ConfigError(f"{path}: {key} holds no images (shape {x.shape})")
     if x.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(x))
-    if np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 255:
+    lo, hi = x.min(), x.max()  # NaN propagates into both
+    if np.issubdtype(x.dtype, np.integer) and lo >= 0 and hi <= 255:
         return torch.from_numpy(np.ascontiguousarray(x.astype(np.uint8)))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ConfigError(f"{path}: {key} holds {np.count_nonzero(~np.isfinite(x))} non-finite value(s) (NaN or inf); "
+                          f"expected finite pixel values")
+    if max(-float(lo), float(hi)) > FLOAT16_MAX:
+        raise ConfigError(f"{path}: {key} holds values in [{lo:g}, {hi:g}]; images other than uint8 are stored as "
+                          f"float16, which ends at +-{FLOAT16_MAX:g}: rescale them (e.g. to 0..1) or store uint8")
     return torch.from_numpy(np.ascontiguousarray(x.astype(np.float16)))  # floats kept in their own units
+
+
+def _labels(y, key, path):
+    """Class indices as int64 (N,): integers, or floats that are whole numbers; anything else is a clear error."""
+    if y.dtype.kind == "f":
+        whole = np.isfinite(y) & (y == np.round(y))
+        if not whole.all():
+            i = int(np.argmin(whole.reshape(-1)))
+            raise ConfigError(f"{path}: {key} holds labels that are not whole numbers (e.g. {float(y.flat[i]):g} at "
+                              f"index {i}); labels are class indices 0, 1, ...: store integers")
+    elif y.dtype.kind in "US":
+        raise ConfigError(f"{path}: {key} has dtype {y.dtype}; expected integer class indices 0, 1, ..., not class "
+                          f"names: store np.unique(names, return_inverse=True)[1]")
+    elif y.dtype.kind not in "biu":
+        raise ConfigError(f"{path}: {key} has dtype {y.dtype}; expected integer class indices 0, 1, ...")
+    if y.ndim > 1 and y.size != len(y):
+        raise ConfigError(f"{path}: {key} has shape {y.shape}; expected one class index per sample (N,); for "
+                          f"one-hot labels store their argmax(1)")
+    return y.reshape(-1).astype(np.int64)
+
+
+def _load_npz(path):
+    """The arrays of the first layout of NPZ_LAYOUTS that the .npz at `path` holds; clear errors for other files."""
+    hint = "write one with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) (or x=..., y=...)"
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except ValueError:  # neither zip nor .npy magic: numpy took it for a pickle, which is never loaded here
+        raise ConfigError(f"data.root={path} is not an .npz file (it starts neither as a zip archive nor as a .npy "
+                          f"array); {hint}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"data.root={path} is not an .npz file ({type(e).__name__}: {e}); {hint}") from None
+    if isinstance(npz, np.ndarray):
+        raise ConfigError(f"data.root={path} is a .npy file (one array of shape {npz.shape}), not an .npz; {hint}")
+    with npz:
+        keys = next((layout for layout in NPZ_LAYOUTS if set(layout) <= set(npz.files)), None)
+        if keys is None:
+            raise ConfigError(f"{path} holds {sorted(npz.files)}; expected x_train, y_train, x_test, y_test (or x, y)")
+        arrays = {}
+        for key in keys:  # other arrays in the file are not read
+            try:
+                arrays[key] = npz[key]
+            except ValueError as e:
+                if "allow_pickle" in str(e):
+                    raise ConfigError(f"{path}: {key} holds Python objects (an object array), which are not loaded "
+                                      f"(that would unpickle them); store numbers: images uint8 or float, labels "
+                                      f"integers") from None
+                raise ConfigError(f"{path}: {key} cannot be read, the file is damaged ({e}); write it again") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise ConfigError(f"{path}: {key} cannot be read, the file is damaged ({type(e).__name__}: {e}); "
+                                  f"write it again") from None
+    return arrays
 
 
 def _npz(cfg, seed):
@@ -126,21 +193,16 @@ def _npz(cfg, seed):
     if not path.is_file():
         raise FileNotFoundError(f"data.root={path} is not an .npz file; set data.root to a file holding "
                                 f"x_train, y_train, x_test, y_test (or x, y)")
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
-        parts = [_to_nchw(arrays["x_train"], "x_train", path), arrays["y_train"],
-                 _to_nchw(arrays["x_test"], "x_test", path), arrays["y_test"]]
-    elif {"x", "y"} <= arrays.keys():
-        x, y = _to_nchw(arrays["x"], "x", path), arrays["y"]
+    arrays = _load_npz(path)
+    if "x_train" in arrays:
+        parts = [_to_nchw(arrays["x_train"], "x_train", path), _labels(arrays["y_train"], "y_train", path),
+                 _to_nchw(arrays["x_test"], "x_test", path), _labels(arrays["y_test"], "y_test", path)]
+    else:
+        x, y = _to_nchw(arrays["x"], "x", path), _labels(arrays["y"], "y", path)
         if len(x) != len(y):
             raise ConfigError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-        parts = list(_split(x, torch.as_tensor(y.astype(np.int64)), cfg.test_fraction, seed))
-    else:
-        raise ConfigError(f"{path} holds {sorted(arrays)}; expected x_train, y_train, x_test, y_test (or x, y)")
-    x_train, y_train, x_test, y_test = parts
-    y_train = torch.as_tensor(np.asarray(y_train).astype(np.int64)).reshape(-1)
-    y_test = torch.as_tensor(np.asarray(y_test).astype(np.int64)).reshape(-1)
+        parts = list(_split(x, torch.from_numpy(y), cfg.test_fraction, seed))
+    x_train, y_train, x_test, y_test = (torch.as_tensor(p) for p in parts)
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ConfigError(f"{path}: images and labels differ in length (train {len(x_train)} vs {len(y_train)}, "
                           f"test {len(x_test)} vs {len(y_test)})")
