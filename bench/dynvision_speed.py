@@ -223,7 +223,7 @@ def grad_check(names, batch, args, device, dtype):
 
 def scan_check(device):
     """The fused Triton Euler scan against the torch ops on random bf16 data (forward and backward)."""
-    import lib.dynvision as dv
+    import lib.dynvision.scan as dv  # use_fused_scan is read there
     if device.type != "cuda" or not dv.HAVE_TRITON:
         return
     g = torch.Generator(device="cpu").manual_seed(3)

@@ -1,9 +1,17 @@
-"""GPU energy from the driver's cumulative energy counter (NVML), read through ctypes; no extra package.
+"""GPU energy from the driver's cumulative energy counter (NVML, through nvidia-ml-py's `pynvml`).
 
 Only the counter is used: no energy figure is ever derived from sample counts or power estimates.
-Where NVML or the counter is missing (CPU machines, old GPUs), readings are None -> "not measured".
+The GPU is looked up by its UUID, not its index: CUDA numbers only the visible GPUs (CUDA_VISIBLE_DEVICES=1
+makes NVML's GPU 1 CUDA's cuda:0), so an index would read another GPU's counter.
+Where NVML, the package or the counter is missing (CPU machines, old GPUs), readings are None -> "not measured".
 """
-import ctypes
+import torch
+
+
+def nvml_uuid(cuda_uuid):
+    """NVML's name of a GPU ("GPU-xxxxxxxx-xxxx-...") from the UUID torch reports (the bare hex groups)."""
+    text = str(cuda_uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
 class EnergyMeter:
@@ -12,26 +20,27 @@ class EnergyMeter:
     def __init__(self, device):
         self.available = False
         self._start = None
-        if getattr(device, "type", str(device)) != "cuda":
+        device = torch.device(device)
+        if device.type != "cuda":
             return
         try:
-            self._nvml = ctypes.CDLL("libnvidia-ml.so.1")
-            if self._nvml.nvmlInit_v2() != 0:
-                return
-            self._handle = ctypes.c_void_p()
-            index = device.index if device.index is not None else 0
-            # NVML numbers GPUs as the driver does; with CUDA_VISIBLE_DEVICES unset that is CUDA's order.
-            if self._nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self._handle)) != 0:
-                return
-            self.available = self._millijoules() is not None
-        except OSError:
-            self.available = False
+            import pynvml
+        except ImportError:  # nvidia-ml-py not installed (requirements.txt): not measured
+            return
+        try:
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(nvml_uuid(torch.cuda.get_device_properties(index).uuid))
+        except (pynvml.NVMLError, RuntimeError):  # no driver / library, or NVML does not know this GPU
+            return
+        self._nvml = pynvml
+        self.available = self._millijoules() is not None
 
     def _millijoules(self):
-        value = ctypes.c_ulonglong()
-        if self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle, ctypes.byref(value)) != 0:
+        try:
+            return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        except self._nvml.NVMLError:  # e.g. NOT_SUPPORTED: GPUs before Volta, MIG slices
             return None
-        return value.value
 
     def start(self):
         self._start = self._millijoules() if self.available else None

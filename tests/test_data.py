@@ -1,4 +1,5 @@
-"""lib/data.py + lib/jpeg.py: resumed vs uninterrupted epochs, resident vs DataLoader, GPU-style vs PIL pipeline."""
+"""lib/data.py (+ lib/datasets.py, lib/loaders.py, lib/jpeg.py): resumed vs uninterrupted epochs, resident vs
+DataLoader, GPU-style vs PIL pipeline."""
 import json
 import os
 import pickle

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import lib.dynvision as dv
 from lib.config import ConfigError
+from lib.dynvision import scan
 from lib.dynvision import (AREAS, FEEDBACK_SOURCES, SKIP_SOURCES, DyRCNN, LossConfig, MemoryConfig, ModelConfig,
                            SavedBytesMeter, check_schedule, count_params, reaction_step, stream_backward,
                            strategy_forward, timestep_loss)
@@ -289,7 +290,7 @@ def test_bad_model_options_are_errors():
 # ---------------------------------------------------------------------------------------------------------
 # GPU: the fused Triton scan computes what the torch ops compute.
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and dv.HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+@pytest.mark.skipif(not (torch.cuda.is_available() and scan.HAVE_TRITON), reason="needs a CUDA GPU and Triton")
 def test_fused_scan_matches_torch_ops_on_gpu():
     g = torch.Generator(device="cpu").manual_seed(0)
     B = 4
@@ -299,11 +300,11 @@ def test_fused_scan_matches_torch_ops_on_gpu():
     grad = torch.randn(x.shape, generator=g).cuda()
     outs = []
     for fused in (False, True):
-        dv.use_fused_scan = fused
+        scan.use_fused_scan = fused  # the switch is read in lib.dynvision.scan: set it there
         leaves = [t.clone().requires_grad_() for t in (x, rec, prev)]
-        out = dv.euler_scan(*leaves, 0.4, B)
+        out = scan.euler_scan(*leaves, 0.4, B)
         outs.append((out, *torch.autograd.grad(out, leaves, grad)))
-    dv.use_fused_scan = True
+    scan.use_fused_scan = True
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -385,7 +386,7 @@ def test_fused_scan_kernels_match_torch_ops_in_the_triton_interpreter():
     from pathlib import Path
     code = textwrap.dedent("""
         import torch
-        import lib.dynvision as dv
+        import lib.dynvision.scan as dv  # the switches are read there
         assert dv.HAVE_TRITON
         torch.manual_seed(0)
         B = 2
