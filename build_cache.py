@@ -11,7 +11,7 @@
 Pipeline: the input is read and cleaned in this process (bad-input policy and counts: lib/textcorpus.py), cut
 into shards of cache.shard_size samples and written as texts.bin + index.npy + manifest.json (lib/textcache.py
 describes the folder). Every missing shard is then cut into tasks of cache.chunk_size texts for a spawn-safe
-process pool whose initializer builds ONE renderer and ONE denoiser per worker (font loaded once, word cache
+process pool (concurrent.futures over multiprocessing) whose initializer builds ONE renderer and ONE denoiser per worker (font loaded once, word cache
 kept warm: lib/textrender.py); workers render, clean up and zlib-compress each image; this process is the one
 writer: it assembles each shard in order and writes it durably (temp file, fsync, rename), then its marker.
 
@@ -30,6 +30,8 @@ import io
 import multiprocessing as mp
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +58,7 @@ class CacheConfig:
     dir: str = ""                   # the cache folder ("" = <out_dir>/<name>/cache); the same folder resumes
     shard_size: int = 1024          # images per shard file: the unit of writing, resume, eviction and lost work
     max_gb: float = 5.0             # cap on the shard files, GB (1e9 bytes); least recently used evicted first
-    compress_level: int = 6         # zlib level of each image: 1 fastest .. 9 smallest (lib/textcache.py)
+    compress_level: int = 4         # zlib level of each image: 1 fastest .. 9 smallest (lib/textcache.py)
     workers: int = -1               # render processes: -1 = one per usable core, 0 = render in this process
     chunk_size: int = 64            # texts per task handed to a worker
     verify: bool = True             # on resume, check the sha256 of every present shard (false: sizes only)
@@ -163,10 +165,14 @@ def _now():
 
 
 # ----------------------------------------------------------------------------- rendering
+class WorkerDied(RuntimeError):
+    """A render process died (killed, out of memory); finished shards are kept."""
+
+
 def start_pool(workers, render, denoise, level, per_sample=False):
-    """A spawn-context pool; each worker builds one renderer and one denoiser (per_sample: see init_worker)."""
-    return mp.get_context("spawn").Pool(workers, initializer=init_worker,
-                                        initargs=(render, denoise, render.font, level, per_sample))
+    """A spawn-context process pool; each worker builds one renderer and one denoiser (per_sample: init_worker)."""
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
+                               initargs=(render, denoise, render.font, level, per_sample))
 
 
 def _ordered(pool, tasks, window):
@@ -175,12 +181,19 @@ def _ordered(pool, tasks, window):
         yield from map(render_chunk, tasks)
         return
     pending = collections.deque()
-    for task in tasks:
-        pending.append(pool.apply_async(render_chunk, (task,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(render_chunk, task))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise WorkerDied("a render worker process died (killed, or out of memory?); the shards finished so far "
+                         "are kept: run the same command again, with fewer cache.workers if memory is short") from None
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def render_shards(plan: Plan, cfg: Config, pool=None, workers=0):
@@ -233,8 +246,11 @@ def build(plan: Plan, cfg: Config):
     if workers == 0:
         init_worker(plan.render, cfg.denoise, plan.render.font, level)
         return {**render_shards(plan, cfg), "workers": 0}
-    with start_pool(workers, plan.render, cfg.denoise, level) as pool:
+    pool = start_pool(workers, plan.render, cfg.denoise, level)
+    try:
         return {**render_shards(plan, cfg, pool, workers), "workers": workers}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -306,8 +322,9 @@ def main(cfg: Config) -> dict:
     return report
 
 
-# errors whose message says what to fix (bad config, missing input or font, full disk, a cache of other settings)
-USER_ERRORS = (ConfigError, FileNotFoundError, StorageError)
+# errors whose message says what to fix (bad config, missing input or font, full disk, a cache of other settings,
+# a worker killed)
+USER_ERRORS = (ConfigError, FileNotFoundError, StorageError, WorkerDied)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from dataclasses import asdict
@@ -131,8 +132,17 @@ def init_worker(render_cfg, denoise_cfg, font, level, per_sample=False):
     in bench/build_cache_speed.py).
     """
     _WORKER.update(render=render_cfg, denoise=denoise_cfg, font=font, level=level, per_sample=per_sample)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     if not per_sample:
         _WORKER["renderer"], _WORKER["denoiser"] = build(render_cfg, denoise_cfg, font)
+
+
+def _exit_with_parent(parent_pid):
+    """A worker whose parent was killed (SIGKILL: no cleanup) would wait for tasks forever: exit instead."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 def render_chunk(texts):

@@ -90,6 +90,13 @@ class TextImageCache(torch.utils.data.Dataset):
         """(shard, position inside it) of sample i."""
         return divmod(i, self.shard_size)
 
+    def locate(self, sample_id: int):
+        """Position i of the sample with this id (its input line number), or KeyError if it was skipped."""
+        i = int(np.searchsorted(self.sample_ids, sample_id))
+        if i == len(self.sample_ids) or self.sample_ids[i] != sample_id:
+            raise KeyError(f"sample id {sample_id} is not in the cache (skipped as empty or bad input?)")
+        return i
+
     def shard_range(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self)))
 

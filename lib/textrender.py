@@ -308,7 +308,8 @@ class Denoiser:
     def _despeckle(self, image, lo, hi):
         p = self._pad(image, lo, hi)
         rows, cols = hi - lo, image.shape[2]
-        ink = (p != self.paper).any(axis=0).view(np.uint8)               # (rows + 2, W + 2), 0/1
+        ink = p[0] != self.paper[0] if len(p) == 1 else (p != self.paper).any(axis=0)
+        ink = ink.view(np.uint8)                                          # (rows + 2, W + 2), 0/1
         across = ink[:, :-2] + ink[:, 1:-1] + ink[:, 2:]                  # 3-wide sums
         box = across[:-2] + across[1:-1] + across[2:]                     # 3x3 sums, centre included
         speck = ink[1:-1, 1:-1].astype(bool) & (box == 1)                 # ink with no ink around it

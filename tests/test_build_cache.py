@@ -169,6 +169,9 @@ def test_bad_input_is_counted_and_rendered(tmp_path):
     assert report["overflow_in_present_shards"] >= 2  # the long text and the long word do not fit 48x32
     ds = TextImageCache(cache_dir(cfg))
     assert list(ds.sample_ids) == [0, 3, 4, 5, 6, 7, 8]  # input line numbers
+    assert ds.locate(4) == 2 and ds.shard_of(ds.locate(4)) == (0, 2)
+    with pytest.raises(KeyError):
+        ds.locate(1)  # the empty line
     assert ds.text(1) == "bad \ufffd\ufffd utf8" and ds.text(2) == "ctrl chars and tab[0m"
     assert len(ds.text(3)) <= 2000
     skip = make_cfg(tmp_path, "skip", data={"source": str(text), "limit": 0, "invalid_utf8": "skip"})
@@ -245,3 +248,33 @@ def test_bench_smoke():
     for key in ("speedup_vs_naive_1worker", "scaling_efficiency_max_workers", "device"):
         assert key in summary
     assert any(line.get("pattern") == "naive" for line in lines) and any(line.get("pattern") == "fast" for line in lines)
+
+
+def test_renderer_bytes_do_not_depend_on_its_caches_and_denoisers_match_pillow():
+    from PIL import Image, ImageFilter
+
+    from lib.textrender import DenoiseConfig, Denoiser, RenderConfig, Renderer
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "a " + "y" * 80, "", "one two three the the"]
+    cfg = RenderConfig(word_cache_size=3)  # tiny cache: entries dropped and rebuilt all the time
+    warm = Renderer(cfg)
+    for text in texts * 2:
+        warm.render(text)
+    for text in texts:
+        fresh_image, fresh_cut = Renderer(RenderConfig()).render(text)
+        image, cut = warm.render(text)
+        assert np.array_equal(image, fresh_image) and cut == fresh_cut
+    assert Renderer(RenderConfig()).render(texts[0] * 20)[1]  # too long for the page: overflow
+    rgb = RenderConfig(mode="RGB", foreground=[200, 0, 0], background=[250, 250, 230], wrap="char")
+    image, _ = Renderer(rgb).render("\u65e5\u672c\u8a9e" * 30)  # no spaces: broken between characters
+    assert image.shape == (3, 224, 224) and tuple(image[:, 0, 0]) == (250, 250, 230)
+    page = Renderer(RenderConfig()).render(texts[0])[0]
+    median = Denoiser(DenoiseConfig("median"), RenderConfig())(page)
+    assert np.array_equal(median[0], np.asarray(Image.fromarray(page[0]).filter(ImageFilter.MedianFilter(3))))
+    smooth = Denoiser(DenoiseConfig("smooth"), RenderConfig())(page)
+    kernel = ImageFilter.Kernel((3, 3), [1, 2, 1, 2, 4, 2, 1, 2, 1], 16)
+    assert np.array_equal(smooth[0], np.asarray(Image.fromarray(page[0]).filter(kernel)))
+    despeckle = Denoiser(DenoiseConfig("despeckle"), RenderConfig())
+    assert np.array_equal(despeckle(page), page)  # clean text: no stroke pixel is a speck
+    noisy = page.copy()
+    noisy[0, 200, [10, 50, 90]] = 0  # isolated dots on the empty bottom of the page
+    assert np.array_equal(despeckle(noisy), page)
