@@ -5,15 +5,17 @@
     # the built-in corpus (Python's language reference help texts) at 224x224 on every core
     python build_cache.py --config configs/cache_default.yaml
     # your texts: one sample per line, or JSON lines with a "text" field; the cache where training reads it
-    python build_cache.py --config configs/cache_default.yaml --data.source=/data/texts.jsonl --cache.dir=/data/textcache
+    python build_cache.py --config configs/cache_default.yaml --data.source=/data/texts.jsonl \\
+        --cache.dir=/data/textcache
     # killed, out of disk, preempted? Run the same command again: present shards are kept, the rest rendered
 
 Pipeline: the input is read and cleaned in this process (bad-input policy and counts: lib/textcorpus.py), cut
 into shards of cache.shard_size samples and written as texts.bin + index.npy + manifest.json (lib/textcache.py
-describes the folder). Every missing shard is then cut into tasks of cache.chunk_size texts for a spawn-safe
-process pool (concurrent.futures over multiprocessing) whose initializer builds ONE renderer and ONE denoiser per worker (font loaded once, word cache
-kept warm: lib/textrender.py); workers render, clean up and zlib-compress each image; this process is the one
-writer: it assembles each shard in order and writes it durably (temp file, fsync, rename), then its marker.
+describes the folder). Every missing shard is then cut into tasks of cache.chunk_size texts for a spawn-context
+process pool (concurrent.futures: a killed worker is an error, not a hang) whose initializer builds ONE
+renderer and ONE denoiser per worker (font loaded once, word cache kept warm: lib/textrender.py); workers
+render, clean up and zlib-compress each image; this process assembles each shard in order and one writer
+thread writes it durably (temp file, fsync, rename), then its marker, while rendering goes on.
 
 Resume: a shard counts only if its file matches its marker (size and sha256); others are rendered again, with
 the same bytes (rendering is deterministic). A folder built with other settings (render, denoise, texts, font,
@@ -28,7 +30,9 @@ import dataclasses
 import hashlib
 import io
 import multiprocessing as mp
+import queue
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -196,43 +200,75 @@ def _ordered(pool, tasks, window):
             future.cancel()
 
 
-def render_shards(plan: Plan, cfg: Config, pool=None, workers=0):
-    """Render plan.todo through the pool (or in this process), write each shard as soon as it is complete.
+class ShardWriter:
+    """The one writer: a thread that writes finished shards durably (shard, fsync, marker) in order, so fsync
+    waits overlap rendering. At most `depth` finished shards wait for it (bounded memory)."""
 
-    Stops early, without writing, when the next shard would not fit under the cap. Returns the run's counts.
+    def __init__(self, store: ShardStore, depth: int = 2):
+        self.store, self.queue = store, queue.Queue(depth)
+        self.written, self.cap_reached, self.error = [], False, None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is not None or self.cap_reached:
+                continue  # drain: nothing after a failure or the cap is written
+            shard, data, meta = item
+            try:
+                if self.store.put(shard, data, meta, evict=False):
+                    self.written.append(meta)
+                else:
+                    self.cap_reached = True
+            except BaseException as e:  # re-raised in the main thread
+                self.error = e
+
+    def put(self, shard, data, meta):
+        if self.error is not None:
+            raise self.error
+        self.queue.put((shard, data, meta))
+
+    def close(self):
+        """Wait until every queued shard is written; re-raise a write error."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def render_shards(plan: Plan, cfg: Config, pool=None, workers=0):
+    """Render plan.todo through the pool (or in this process); each shard is written as soon as it is complete.
+
+    Stops at the first shard that does not fit under the cap (not written). Returns the run's counts.
     """
     size, shape = plan.manifest["shard_size"], tuple(plan.manifest["image_shape"])
     chunk = cfg.cache.chunk_size
     shard_texts = {s: plan.texts[s * size:(s + 1) * size] for s in plan.todo}
     tasks = (texts[i:i + chunk] for s in plan.todo for texts in [shard_texts[s]] for i in range(0, len(texts), chunk))
-    total = sum(len(t) for t in shard_texts.values())
-    done = {"shards_written": 0, "images_rendered": 0, "overflow": 0, "word_hits": 0, "word_misses": 0,
-            "cap_reached": False}
     todo = collections.deque(plan.todo)
-    blobs, overflow = [], 0
+    blobs, overflow, hits, misses = [], 0, 0, 0
+    writer = ShardWriter(plan.store)
     start = time.perf_counter()
-    with tqdm(total=total, unit="img", disable=not cfg.cache.progress, mininterval=1.0, smoothing=0.05) as bar:
-        for chunk_blobs, chunk_overflow, hits, misses in _ordered(pool, tasks, max(1, workers) * 4):
-            blobs += chunk_blobs
-            overflow += chunk_overflow
-            done["word_hits"] += hits
-            done["word_misses"] += misses
-            bar.update(len(chunk_blobs))
-            shard = todo[0]
-            if len(blobs) < len(shard_texts[shard]):
-                continue
-            data = encode_shard(blobs, shape, shard * size)
-            if not plan.store.put(shard, data, {"shard": shard, "images": len(blobs), "overflow": overflow},
-                                  evict=False):
-                done["cap_reached"] = True
-                break
-            done["shards_written"] += 1
-            done["images_rendered"] += len(blobs)
-            done["overflow"] += overflow
-            todo.popleft()
-            blobs, overflow = [], 0
-    done["seconds"] = time.perf_counter() - start
-    return done
+    try:
+        with tqdm(total=sum(map(len, shard_texts.values())), unit="img", disable=not cfg.cache.progress,
+                  mininterval=1.0, smoothing=0.05) as bar:
+            for chunk_blobs, chunk_overflow, chunk_hits, chunk_misses in _ordered(pool, tasks, max(1, workers) * 4):
+                blobs += chunk_blobs
+                overflow, hits, misses = overflow + chunk_overflow, hits + chunk_hits, misses + chunk_misses
+                bar.update(len(chunk_blobs))
+                if len(blobs) < len(shard_texts[todo[0]]):
+                    continue
+                shard = todo.popleft()
+                writer.put(shard, encode_shard(blobs, shape, shard * size),
+                           {"shard": shard, "images": len(blobs), "overflow": overflow})
+                blobs, overflow = [], 0
+                if writer.cap_reached:
+                    break
+    finally:
+        writer.close()  # shards already rendered are written even if rendering failed
+    return {"shards_written": len(writer.written), "images_rendered": sum(m["images"] for m in writer.written),
+            "overflow": sum(m["overflow"] for m in writer.written), "word_hits": hits, "word_misses": misses,
+            "cap_reached": writer.cap_reached, "seconds": time.perf_counter() - start}
 
 
 def build(plan: Plan, cfg: Config):
@@ -328,6 +364,8 @@ USER_ERRORS = (ConfigError, FileNotFoundError, StorageError, WorkerDied)
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__))
     try:
         config = parse(Config(), sys.argv[1:])
     except ConfigError as err:

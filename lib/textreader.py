@@ -228,7 +228,8 @@ class ShardOrderSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, dataset: TextImageCache, shuffle: bool = True, seed: int = 0):
-        self.n, self.shard_size, self.shuffle, self.seed, self.epoch = len(dataset), dataset.shard_size, shuffle, seed, 0
+        self.n, self.shard_size = len(dataset), dataset.shard_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch

@@ -297,7 +297,7 @@ class Denoiser:
 
     def _smooth(self, image, lo, hi):
         p = self._pad(image, lo, hi)
-        rows, cols = hi - lo, image.shape[2]
+        rows = hi - lo
         h = self.acc[:, :rows + 2]                                      # horizontal [1 2 1], uint16
         np.add(p[:, :, :-2], p[:, :, 2:], out=h, dtype=np.uint16)
         h += p[:, :, 1:-1]
@@ -307,7 +307,6 @@ class Denoiser:
 
     def _despeckle(self, image, lo, hi):
         p = self._pad(image, lo, hi)
-        rows, cols = hi - lo, image.shape[2]
         ink = p[0] != self.paper[0] if len(p) == 1 else (p != self.paper).any(axis=0)
         ink = ink.view(np.uint8)                                          # (rows + 2, W + 2), 0/1
         across = ink[:, :-2] + ink[:, 1:-1] + ink[:, 2:]                  # 3-wide sums
