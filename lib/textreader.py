@@ -117,32 +117,49 @@ class TextImageCache(torch.utils.data.Dataset):
             try:
                 image = decode_image(blob, self.shape, self.store.name(shard))
                 break
-            except CacheError:
+            except CacheError:  # zlib's checksum failed: the shard is damaged
                 self._close(shard)
-                if attempt == 1 or self.on_missing == "error":
+                if attempt == 1:
                     raise
                 self._rendered(shard, corrupt=True)
         self._touch(shard)
         return torch.from_numpy(image.copy()), int(self.sample_ids[i])
 
     def _open(self, shard):
+        """(fd, offsets) of a shard, kept open; a missing or damaged shard is rendered first."""
         entry = self._files.get(shard)
         if entry is not None:
             self._files.move_to_end(shard)
             return entry
-        if not self.store.present(shard, verify=False):
-            self._rendered(shard)
-        path = self.store.path(shard)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # evicted by another process just now
-            self._rendered(shard)
-            fd = os.open(path, os.O_RDONLY)
-        n = len(self.shard_range(shard))
-        offsets = parse_header(os.pread(fd, header_bytes(n), 0), self.store.name(shard))[3]
-        self._files[shard] = (fd, offsets)
+        present = self.store.present(shard, verify=False)
+        entry = self._open_file(shard) if present else None
+        if entry is None:  # missing, evicted a moment ago by another process, or a damaged header
+            self._rendered(shard, corrupt=present)
+            entry = self._open_file(shard)
+            if entry is None:
+                raise CacheError(f"{self.store.path(shard)} is unreadable right after it was rendered; check the "
+                                 f"disk, or whether another process writes this cache with other settings")
+        self._files[shard] = entry
         if len(self._files) > _OPEN_FILES:
             os.close(self._files.popitem(last=False)[1][0])
+        return entry
+
+    def _open_file(self, shard):
+        """(fd, offsets) if the shard file exists and its header fits its size and image count, else None."""
+        try:
+            fd = os.open(self.store.path(shard), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        n = len(self.shard_range(shard))
+        try:
+            count, shape, _, offsets = parse_header(os.pread(fd, header_bytes(n), 0), self.store.name(shard))
+            ok = (count == n and shape == self.shape and offsets[-1] == os.fstat(fd).st_size
+                  and bool((np.diff(offsets) >= 0).all()))
+        except CacheError:
+            ok = False
+        if not ok:
+            os.close(fd)
+            return None
         return fd, offsets
 
     def _close(self, shard):
