@@ -497,3 +497,33 @@ def format_report(report: dict[str, int]) -> str:
     if len(report) > 1:
         parts.append(f"total {format_bytes(sum(report.values()))}")
     return "storage: " + " | ".join(parts)
+
+
+# ---------------------------------------------------------------- LRU helpers for shared cache folders
+
+def lru_touch(cache: LRUCache, name: str) -> bool:
+    """Mark `name` most recently used without reading it (a reader that reads parts of a file); False if absent."""
+    _check_name(name)
+    if not (cache.folder / name).is_file():
+        cache._used.pop(name, None)
+        return False
+    cache._touch(name)
+    cache._save_index()
+    return True
+
+
+def lru_shrink(cache: LRUCache) -> list[str]:
+    """Evict least-recently-used files until the cache is within its cap (after the cap was lowered); oldest first."""
+    sizes = cache._sizes()
+    total = sum(sizes.values())
+    evicted = []
+    for victim in sorted(sizes, key=cache._used.__getitem__):
+        if total <= cache.max_bytes:
+            break
+        (cache.folder / victim).unlink(missing_ok=True)
+        total -= sizes[victim]
+        del cache._used[victim]
+        evicted.append(victim)
+    if evicted:
+        cache._save_index()
+    return evicted

@@ -17,6 +17,9 @@ def test_config_parses(path):
     if path.name.startswith("encode"):
         import encode_stream
         parse(encode_stream.Config(), ["--config", str(path)])
+    elif path.name.startswith("cache"):
+        import build_cache
+        parse(build_cache.Config(), ["--config", str(path)])
     elif path.name.startswith("dynvision"):
         train_dynvision = pytest.importorskip("train_dynvision")
         parse(train_dynvision.Config(), ["--config", str(path)])
