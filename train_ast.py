@@ -36,16 +36,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lib import checkpoint, dist
-from lib.config import ConfigError, merge, parse, to_dict, write_run_info
+from lib.config import ConfigError, merge, to_dict, write_run_info
 from lib.data import DataConfig, build_data
 from lib.energy import EnergyMeter
-from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep,
+from lib.loop import (LoopConfig, MetricsLog, OptimConfig, Throughput, TrainStep,
                       build_optimizer, check_micro_batch, per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
 from lib.models import ModelConfig, build_model
 from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, per_sample_loss,
                            significance)
-from lib.storage import StorageError, format_report, run_report
+from lib.storage import format_report, run_report
 
 MODES = ("full", "batch", "epoch", "random", "budget")
 
@@ -650,17 +650,6 @@ def main(cfg):
         dist.cleanup()
 
 
-# errors whose message says what to fix (bad config, missing data or checkpoint, full disk, diverged loss)
-USER_ERRORS = (ConfigError, FileNotFoundError, checkpoint.CheckpointError, StorageError, NonFiniteLossError)
-
-
 if __name__ == "__main__":
-    argv = ["--compare.enabled=true" if a == "--compare" else a for a in sys.argv[1:]]
-    try:
-        config = parse(Config(), argv)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    try:
-        main(config)
-    except USER_ERRORS as err:  # what the user must fix: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    from lib.run import run_script  # --help, config errors and user errors as one line, for every script
+    run_script(main, Config(), __doc__, aliases={"--compare": "--compare.enabled=true"})

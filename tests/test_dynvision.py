@@ -422,6 +422,7 @@ def test_training_resumed_after_sigterm_equals_uninterrupted(tmp_path, monkeypat
     import train_dynvision
     from lib import checkpoint
     from lib.config import parse
+    from lib.run import Preempted
 
     def cfg(name):
         return parse(train_dynvision.Config(), [
@@ -438,7 +439,9 @@ def test_training_resumed_after_sigterm_equals_uninterrupted(tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)
         return out
     monkeypatch.setattr(train_dynvision.TrainStep, "__call__", step_then_signal)
-    assert train_dynvision.main(cfg("run")) is None  # preempted: checkpoint written, clean return
+    with pytest.raises(Preempted) as stop:  # preempted: checkpoint written, exit status 0
+        train_dynvision.main(cfg("run"))
+    assert stop.value.code == 0
     monkeypatch.setattr(train_dynvision.TrainStep, "__call__", real_step)
     assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step-000007"
     train_dynvision.main(cfg("run"))

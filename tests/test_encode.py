@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import encode_stream
 from lib.config import ConfigError, merge
 from lib.data import DataConfig, build_data, in_order
+from lib.run import Preempted
 from lib.storage import StorageError
 from tests.dist_env import free_port, set_rank_env
 
@@ -99,7 +100,10 @@ def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, monk
         return real_call(self, images)
 
     monkeypatch.setattr(encode_stream.Encoder, "__call__", term_on_fourth)
-    result = run(cfg)
+    with pytest.raises(Preempted) as stop:  # exit status 0, the partial numbers on the exception
+        run(cfg)
+    result = stop.value.result
+    assert stop.value.code == 0
     assert not result["complete"] and result["chunks_written"] == 1  # 3 batches of 32 = chunk 0 + half of 1
     monkeypatch.setattr(encode_stream.Encoder, "__call__", real_call)
     assert run(cfg)["complete"]
