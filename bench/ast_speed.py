@@ -72,7 +72,7 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.model, args.size, args.batch, args.score_batch, args.samples = "small_cnn", 16, 16, 32, 256
+        args.model, args.size, args.batch, args.score_batch, args.samples = "small_cnn", 16, 8, 16, 128
     torch.backends.cudnn.benchmark = True
     # every variant trains on the same synthetic set: it is a function of the config's data section (generated on
     # the GPU, a fraction of a second), so each variant makes its own copy

@@ -1,28 +1,20 @@
-"""Checkpoints: atomic step-N saves with a completion marker, keep-newest-k, auto-resume, preemption.
+"""Checkpoints: atomic step-N saves with a completion marker, keep-newest-k, verified resume, preemption flag.
 
 Layout: `ckpt_dir/step-000123/state.pt` plus `ckpt_dir/step-000123/COMPLETE`. The state file is
 written to a temp file, fsynced, os.replace'd and the folder fsynced; the COMPLETE marker (JSON with
 the file's size and sha256) is written the same way, last. A folder without COMPLETE does not exist
-as far as `latest` is concerned, and one whose file no longer matches its marker is skipped too.
+(killed saves are removed by `remove_partial` and by the next save), one whose file no longer matches its
+marker is skipped with a warning and never counted or pruned, and if every checkpoint is corrupt,
+resume: auto is a CheckpointError rather than a silent restart. When the disk is short, the checkpoints a
+save would prune are pruned before it writes; a full disk (also inside torch's zip writer) is a StorageError.
 
 The saved dict holds only tensors, dicts, lists, tuples, str, int, float, bool and None so that it
 loads with torch.load(weights_only=True): the model is saved unwrapped (no `module.`/`_orig_mod.`),
 RNG states are converted to lists/tensors, and the config must be plain data (lib.config.to_dict).
 
-Typical use in a train script (rank 0 saves; every rank loads):
-
-    path = checkpoint.resolve_resume(cfg.resume, ckpt_dir)
-    if path is not None:
-        state = checkpoint.load(path)
-        checkpoint.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"]); scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng(state["rng"]); step = state["step"]
-    with checkpoint.PreemptionHandler() as preempt:
-        while step < total_steps:
-            ...one step...
-            if preempt.requested or step % save_every == 0:   # sync_requested() under torchrun
-                if is_main(): checkpoint.save(ckpt_dir, step, {"model": checkpoint.model_state(model), ...})
-                if preempt.requested: break                     # then exit 0
+Scripts use this through lib/run.py (Run.resume, Run.save, Run.should_stop); training_state and
+restore_training are what a training script saves and loads. One purpose (checkpoint files and the
+preemption flag that triggers the last one), hence a little over 500 lines.
 """
 import collections
 import errno
@@ -218,22 +210,29 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-# step folders whose state file matched its marker: {folder: (size, mtime_ns)}; a folder written by this process is
-# verified by construction (hashed on its way to disk), so keep-k never re-reads what it wrote
+# step folders whose state file matched its marker: {folder: (size, mtime_ns, sha256)}. A folder written by this
+# process is verified by construction (hashed on its way to disk), so keep-k does not re-read what it wrote;
+# resuming (`latest`) always hashes.
 _verified = {}
+_warned = set()  # corrupt folders already reported by save
+
+
+def _fingerprint(step_dir: Path):
+    try:
+        st = (step_dir / STATE_FILE).stat()
+        return st.st_size, st.st_mtime_ns, json.loads((step_dir / MARKER_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _is_verified(step_dir: Path) -> bool:
     """True if step_dir is a complete checkpoint whose file matches its marker (hashed once per process)."""
-    try:
-        st = (step_dir / STATE_FILE).stat()
-    except OSError:
-        return False
-    if _verified.get(step_dir) == (st.st_size, st.st_mtime_ns):
+    found = _fingerprint(step_dir)
+    if found is not None and _verified.get(step_dir) == found:
         return True
     if _check_complete(step_dir) is not None:
         return False
-    _verified[step_dir] = (st.st_size, st.st_mtime_ns)
+    _verified[step_dir] = _fingerprint(step_dir)
     return True
 
 
@@ -348,11 +347,16 @@ def save(ckpt_dir, step: int, state: dict, keep: int = 3) -> Path:
         if isinstance(e, Exception):
             _raise_if_disk_full(e, f"checkpoint step {step} to {step_dir}", need, free_before)
         raise
-    st = final.stat()
-    _verified[step_dir] = (st.st_size, st.st_mtime_ns)
+    _verified[step_dir] = _fingerprint(step_dir)
 
     # prune after the new checkpoint is complete: the newest `keep` verified ones stay, the new one among them
     complete = [p for _, p in _step_dirs(ckpt_dir) if p != step_dir and _is_verified(p)]
+    corrupt = [p for _, p in _step_dirs(ckpt_dir) if (p / MARKER_FILE).exists() and p != step_dir
+               and p not in complete and p not in _warned]
+    if corrupt:
+        _warned.update(corrupt)
+        warnings.warn(f"checkpoint(s) {[p.name for p in corrupt]} in {ckpt_dir} do not match their marker: left on "
+                      f"disk for you to inspect or delete, never counted among the {keep} kept")
     for old in complete[keep - 1:]:
         _delete_checkpoint(old)
     for s, partial in _step_dirs(ckpt_dir):  # leftovers of interrupted older saves (no marker: never complete)
@@ -402,11 +406,9 @@ def _check_complete(step_dir: Path, verify_hash: bool = True):
 def latest(ckpt_dir) -> Path | None:
     """Newest complete, intact step folder in `ckpt_dir` (partial/corrupt ones skipped with a warning), or None."""
     for _, step_dir in _step_dirs(Path(ckpt_dir)):
-        if step_dir in _verified and _is_verified(step_dir):
-            return step_dir
         reason = _check_complete(step_dir)
         if reason is None:
-            _is_verified(step_dir)  # remember it: keep-k will not hash it again
+            _verified[step_dir] = _fingerprint(step_dir)  # the first save's keep-k will not hash it again
             return step_dir
         warnings.warn(f"skipping checkpoint {step_dir}: {reason}")
     return None

@@ -194,3 +194,28 @@ def test_unreadable_images_are_marked_invalid(tmp_path):
     assert result["complete"] and len(got["index"]) == 12  # 2 classes x 6, one of them truncated
     assert result["invalid_rows"] == (~got["valid"]).sum() == 1
     assert not got["embedding"][~got["valid"]].any()
+
+
+def test_random_weights_are_said_loudly_and_recorded(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, "random", encode={"outputs": ["embedding"], "limit": 64})
+    result = run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("RANDOMLY INITIALIZED") == 2  # at the start and in the summary line
+    manifest = json.loads((tmp_path / "random" / "manifest.json").read_text())
+    assert manifest["random_weights"] and "RANDOMLY INITIALIZED" in manifest["warning"]
+    assert result["random_weights"] and "storage: " in out  # the storage report closes the run
+
+
+def test_a_chunk_that_rots_after_an_unconsolidated_run_is_encoded_again(tmp_path):
+    full = make_cfg(tmp_path, "ref", encode={"outputs": ["embedding"], "consolidate": False})
+    run(full)
+    cfg = make_cfg(tmp_path, "rot", encode={"outputs": ["embedding"], "consolidate": False})
+    run(cfg)
+    data_file, _ = encode_stream.ChunkStore(tmp_path / "rot").paths(2)
+    data_file.write_bytes(data_file.read_bytes()[:-10] + b"0123456789")  # bit rot after the run finished
+    with pytest.raises(StorageError, match="run the same encode_stream.py command again"):
+        outputs(cfg)
+    result = run(cfg)
+    assert result["complete"] and result["chunks_written"] == 1 and result["chunks_done_before"] == 5
+    assert np.array_equal(outputs(full)["embedding"], outputs(cfg)["embedding"])
+    assert run(cfg)["samples"] == 0  # every chunk verified: nothing to do
