@@ -1,15 +1,13 @@
-"""train_ast.py under two gloo processes: both modes run to the end, ranks agree, rank 0 writes."""
+"""Two gloo processes: train_ast in both modes runs to the end, ranks agree, rank 0 writes; evaluation over padded
+test shards equals one process. The jobs run in the session's one spawn (tests/conftest.py: two_ranks)."""
 import json
 import os
 
 import pytest
-import torch.multiprocessing as mp
-
-from tests.dist_env import free_port, set_rank_env
 
 
-def _worker(rank, world, port, out_dir, mode):
-    set_rank_env(rank, world, port)
+def ast_job(rank, out_dir, mode):
+    """train_ast in `mode` over the ranks; each rank's result to JSON."""
     import train_ast
     from lib.config import merge
     extra = {"warmup_epochs": 1, "final_full_fraction": 0.0, "explore_rate": 0.05} if mode == "epoch" else {}
@@ -24,19 +22,26 @@ def _worker(rank, world, port, out_dir, mode):
         json.dump({"steps": result["steps"], "top1": result["top1"]}, f)
 
 
+def ast_batch_job(rank, world, out_dir):
+    """Two-rank job (tests/dist_env.py): train_ast in batch mode."""
+    ast_job(rank, out_dir, "batch")
+
+
+def ast_epoch_job(rank, world, out_dir):
+    """Two-rank job (tests/dist_env.py): train_ast in epoch mode."""
+    ast_job(rank, out_dir, "epoch")
+
+
 @pytest.mark.parametrize("mode", ["batch", "epoch"])
-def test_two_ranks_run_and_agree(tmp_path, mode):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1))
+def test_two_ranks_run_and_agree(two_ranks, mode):
+    r0, r1 = (json.loads((two_ranks / f"{mode}-rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1  # same number of steps; the test accuracy is summed over ranks, so it is the same too
-    assert r0["steps"] > 0 and (tmp_path / mode / "result.json").is_file()
-    assert (tmp_path / mode / "checkpoints").is_dir()
+    assert r0["steps"] > 0 and (two_ranks / mode / "result.json").is_file()
+    assert (two_ranks / mode / "checkpoints").is_dir()
 
 
-def _dynvision_eval(rank, world, port, out_dir):
+def dynvision_eval_job(rank, world, out_dir):
     """Accuracy per timestep of one seeded DyRCNN on digits' 359 test samples (padded to 360 over 2 ranks)."""
-    if world > 1:
-        set_rank_env(rank, world, port)
     import contextlib
     import dataclasses
     from pathlib import Path
@@ -64,11 +69,11 @@ def _dynvision_eval(rank, world, port, out_dir):
         dist.cleanup()
 
 
-def test_two_ranks_evaluate_like_one_on_an_odd_test_set(tmp_path):
+def test_two_ranks_evaluate_like_one_on_an_odd_test_set(tmp_path, two_ranks):
     """Test shards wrap around to pad; each sample must still count once (issue 14, item 7)."""
-    _dynvision_eval(0, 1, 0, str(tmp_path))
-    mp.spawn(_dynvision_eval, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    one, r0, r1 = (json.loads((tmp_path / f"eval-{w}-{r}.json").read_text()) for w, r in ((1, 0), (2, 0), (2, 1)))
+    dynvision_eval_job(0, 1, str(tmp_path))
+    one = json.loads((tmp_path / "eval-1-0.json").read_text())
+    r0, r1 = (json.loads((two_ranks / f"eval-2-{r}.json").read_text()) for r in (0, 1))
     assert one["num_test"] == 359 and r0["rows"] == 360  # one sample is evaluated twice across the ranks
     assert r0["acc"] == r1["acc"] == one["acc"]
     assert 0 < max(one["acc"]) < 1  # not vacuous: a double-counted sample would move these

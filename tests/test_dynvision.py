@@ -353,7 +353,9 @@ def test_stream_step_accumulates_like_one_batch(tmp_path):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
-def test_adaptive_micro_batch_respects_an_injected_budget(tmp_path):
+def test_adaptive_micro_batch_respects_an_injected_budget(tmp_path, monkeypatch):
+    import lib.memory
+    monkeypatch.setattr(lib.memory, "free_memory", lambda device=None: None)  # gc.collect: seconds in a big heap
     script, cfg = debug_config(tmp_path, "--memory.strategy=full")
     model = DyRCNN(dataclasses_replace(cfg.model, num_classes=10, in_channels=1))
     x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))

@@ -7,14 +7,12 @@ import signal
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import encode_stream
 from lib.config import ConfigError, merge
 from lib.data import DataConfig, build_data, in_order
 from lib.run import Preempted
 from lib.storage import StorageError
-from tests.dist_env import free_port, set_rank_env
 
 ALL = ["embedding", "loop_embeddings", "tokens"]
 
@@ -110,21 +108,20 @@ def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, monk
     assert np.array_equal(outputs(full)["embedding"], outputs(cfg)["embedding"])
 
 
-def _rank_worker(rank, world, port, out_dir):
-    set_rank_env(rank, world, port)
+def two_rank_job(rank, world, out_dir):
+    """Two-rank job (tests/dist_env.py): the same encoding over two ranks; each rank's numbers to JSON."""
     cfg = make_cfg(out_dir, "two")
     result = run(cfg)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
 
-def test_two_ranks_equal_one(tmp_path):
+def test_two_ranks_equal_one(tmp_path, two_ranks):
     one = make_cfg(tmp_path, "one")
     run(one)
-    mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and r0["complete"] and r0["samples"] == 359 and r0["chunks_written"] == 6
-    a, b = outputs(one), outputs(make_cfg(tmp_path, "two"))
+    a, b = outputs(one), outputs(make_cfg(two_ranks, "two"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
