@@ -19,6 +19,11 @@ and removes the chunks. Read the result with `read_outputs(run_dir)`.
 
 Outputs (encode.outputs): embedding (D) the final class token; loop_embeddings (loops, D) the class token after
 each loop of the shared blocks; tokens (N, D) the final patch tokens (large: N x D values per sample).
+
+Without model.weights the encoder is randomly initialized: said at the start, in the summary and in manifest.json.
+A rerun of a finished encoding with encode.consolidate=false re-verifies every chunk and encodes corrupt ones
+again. The run folder, the config check, preemption and the storage report are lib/run.py's; the chunk store, its
+writer thread and the consolidation stay here with the loop they serve (hence a little over 500 lines).
 """
 import errno
 import hashlib

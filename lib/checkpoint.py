@@ -282,9 +282,7 @@ def _make_room(ckpt_dir: Path, step_dir: Path, need: int, keep: int, step: int):
 
 def _raise_if_disk_full(exc: BaseException, what: str, need: int, free_before: int):
     """Turn a failed write whose cause is a full disk (also inside torch's RuntimeError) into a StorageError."""
-    full = disk_full_error(exc)
-    # torch's zip writer can also fail with a bare RuntimeError: judge by the free space it had to work with
-    if full is None and not (isinstance(exc, RuntimeError) and "write" in str(exc).lower() and free_before < need):
+    if disk_full_error(exc) is None:
         return
     raise StorageError(errno.ENOSPC, f"disk full while writing {what} (needs about {format_bytes(need)}, "
                                      f"{format_bytes(free_before)} were free); the partial file was removed and "

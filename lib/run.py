@@ -6,33 +6,22 @@ every `run.checkpoint_every` steps and wherever the script says (the end of an e
 `run.keep_checkpoints`, turns SIGTERM/SIGUSR1 into "checkpoint, then exit 0", keeps the metrics log, writes
 `result.json` atomically (never over a finished run's result when this invocation trained nothing) and prints the
 storage report. `run_script` is the `if __name__ == "__main__":` of every script: `--help`, config errors and
-user errors as one line. The loop itself stays in the script:
+user errors as one line. The loop itself stays in the script (train_dynvision.py is the full example):
 
-    def main(cfg):
-        info = dist.setup(cfg.run.seed, cfg.run.device)
-        try:
-            with Run(cfg, info, may_change=MAY_CHANGE) as run:     # folder, config check, config.yaml, run_info
-                model, optimizer, step_fn, loader = build(cfg, info)
-                counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-                state = run.resume(info.device)                        # newest verified checkpoint, or None
-                if state is not None:
-                    checkpoint.restore_training(state, model, optimizer, step_fn, counters, info.rank, cfg.run.seed)
-                snapshot = lambda: checkpoint.training_state(model, optimizer, step_fn, counters, to_dict(cfg))
-                for epoch in range(counters["epoch"], cfg.run.epochs):
-                    loader.set_epoch(epoch, start_batch=counters["batch_in_epoch"])
-                    for x, y, _ in loader:
-                        step_fn(x, y, forward_loss)
-                        counters["step"] += 1; counters["batch_in_epoch"] += 1
-                        run.save_if_due(counters["step"], snapshot)       # every run.checkpoint_every steps
-                        if run.should_stop(counters["step"]): break       # a preemption signal (collective)
-                    else:
-                        counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
-                    if run.should_stop():                                  # saves, says so, raises Preempted
-                        run.preempted(counters["step"], snapshot)
-                    run.save(counters["step"], snapshot)                   # the end of each epoch
-                return run.finish({"steps": counters["step"]}, did_work=counters["step"] > run.start_step)
-        finally:
-            dist.cleanup()
+    with Run(cfg, info, may_change=MAY_CHANGE) as run:        # folder, config check, config.yaml, run_info.json
+        state = run.resume(info.device)                        # newest verified checkpoint, or None
+        if state is not None:
+            checkpoint.restore_training(state, model, optimizer, step_fn, counters, info.rank, cfg.run.seed)
+        snapshot = lambda: checkpoint.training_state(model, optimizer, step_fn, counters, to_dict(cfg))
+        for epoch in range(counters["epoch"], cfg.run.epochs):
+            for x, y, _ in loader:                             # (loader.set_epoch(epoch, start_batch=...))
+                ...the step; counters["step"] += 1; run.metrics.write(kind="train", ...) on log steps
+                run.save_if_due(counters["step"], snapshot)    # every run.checkpoint_every steps
+                if run.should_stop(counters["step"]): break    # SIGTERM/SIGUSR1 (collective under torchrun)
+            if run.should_stop():
+                run.preempted(counters["step"], snapshot)      # checkpoint, one message, raise Preempted
+            run.save(counters["step"], snapshot)               # the end of each epoch
+        return run.finish(summary, did_work=counters["step"] > run.start_step)   # result.json + storage report
 
     if __name__ == "__main__":
         run_script(main, Config(), __doc__)
@@ -168,6 +157,8 @@ class Run:
             removed = checkpoint.remove_partial(self.ckpt_dir)  # what a killed save left behind
             if removed:
                 self.say(f"[{self.dir.name}] removed {len(removed)} incomplete checkpoint folder(s) of a killed save")
+            for tmp in self.dir.glob(".*.tmp.*"):  # temp files of atomic writes (result.json, ...) cut short
+                tmp.unlink(missing_ok=True)
             write_run_info(self.dir, cfg, info.device)
         self.metrics = MetricsLog(self.dir / "metrics.jsonl", enabled=self.main)
         self.preempt = checkpoint.PreemptionHandler()

@@ -101,7 +101,9 @@ def test_a_killed_save_is_cleaned_at_the_next_start(tmp_path):
     (ckpt / "step-000002").mkdir()
     (ckpt / "step-000002" / ".state.pt.tmp.123").write_bytes(b"half")          # killed before its marker
     (ckpt / "step-000001" / ".state.pt.tmp.456").write_bytes(b"half")          # killed while re-saving
+    (tmp_path / "tiny" / ".result.json.tmp.789").write_bytes(b"{")             # killed while writing the result
     with Run(tiny(tmp_path), info()) as run:
+        assert not list((tmp_path / "tiny").glob(".*.tmp.*"))
         assert sorted(p.name for p in ckpt.iterdir()) == ["step-000001"]
         assert sorted(p.name for p in (ckpt / "step-000001").iterdir()) == ["COMPLETE", "state.pt"]
         assert run.resume()["step"] == 1
