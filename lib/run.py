@@ -127,10 +127,12 @@ def refuse_other_config(run_dir, cfg, may_change=MAY_CHANGE, work=WORK):
     diffs = config_differences(saved, to_dict(cfg), may_change, to_dict(type(cfg)()), _sections(cfg))
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        marked = sorted(run_dir.glob("checkpoints/step-*/COMPLETE"))
+        start_from = f" (to start from its checkpoint: --run.resume={marked[-1].parent})" if marked else ""
         raise ConfigError(
             f"{run_dir} holds a run with another config ({shown}); resuming it would mix two runs. Use another "
-            f"run.name (to start from its checkpoint there: --run.resume={run_dir}/checkpoints/step-N), or delete "
-            f"the folder to start over. Keys that may change between a run and its resume: {', '.join(may_change)}")
+            f"run.name{start_from}, or delete the folder to start over. Keys that may change between a run and its "
+            f"resume: {', '.join(may_change)}")
 
 
 # ----------------------------------------------------------------------------- the context object
