@@ -74,8 +74,8 @@ def main():
     if args.smoke:
         args.model, args.size, args.batch, args.score_batch, args.samples = "small_cnn", 16, 8, 16, 128
     torch.backends.cudnn.benchmark = True
-    # every variant trains on the same synthetic set: it is a function of the config's data section (generated on
-    # the GPU, a fraction of a second), so each variant makes its own copy
+    # every variant trains on the same synthetic set: a function of the config's data section, made by each variant
+    # before its timed epochs (so it is not in train_seconds)
     out_dir = Path(tempfile.mkdtemp(prefix="ast_speed_"))
     cfg = base_config(args, out_dir)
     info = dist.setup(0, "cpu" if args.smoke else "auto")
