@@ -19,6 +19,11 @@ and removes the chunks. Read the result with `read_outputs(run_dir)`.
 
 Outputs (encode.outputs): embedding (D) the final class token; loop_embeddings (loops, D) the class token after
 each loop of the shared blocks; tokens (N, D) the final patch tokens (large: N x D values per sample).
+
+Without model.weights the encoder is randomly initialized: said at the start, in the summary and in manifest.json.
+A rerun of a finished encoding with encode.consolidate=false re-verifies every chunk and encodes corrupt ones
+again. The run folder, the config check, preemption and the storage report are lib/run.py's; the chunk store, its
+writer thread and the consolidation stay here with the loop they serve (hence a little over 500 lines).
 """
 import errno
 import hashlib
@@ -27,7 +32,6 @@ import json
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,21 +41,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib import checkpoint, dist
-from lib.config import ConfigError, parse, to_dict, write_run_info
+from lib import dist
+from lib.config import ConfigError, to_dict
 from lib.data import DataConfig, build_data, in_order
-from lib.loop import MetricsLog
 from lib.models import load_weights
+from lib.run import MAY_CHANGE as RUN_MAY_CHANGE
+from lib.run import Run, config_differences, run_script
 from lib.rvit import OUTPUTS, RecursiveViT, RViTConfig
-from lib.storage import (StorageError, atomic_write_bytes, atomic_write_json, check_free_space, format_bytes,
-                         fsync_dir, sha256_file)
+from lib.storage import (StorageError, atomic_write_bytes, atomic_write_json, check_free_space, disk_full_error,
+                         format_bytes, fsync_dir, sha256_file)
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MANIFEST_FORMAT = "frugal-encode-1"
-# data settings that change speed, not the encoded values: a resumed run may change them
-IGNORED_DATA_KEYS = ("workers", "prefetch", "loader", "resident_max_gb", "download", "max_skipped_fraction",
-                     "channels_last")
+# settings that change speed, not the encoded values: a resumed run may change them (every other key must match
+# the run that wrote the chunks already there, or its outputs would mix two encoders)
+MAY_CHANGE = RUN_MAY_CHANGE + ("data.loader", "data.resident_max_gb", "data.max_skipped_fraction",
+                               "data.channels_last", "encode.batch_size", "encode.write_queue", "encode.max_host_gb",
+                               "encode.consolidate")
+WORK = ("chunks/chunk-*.json", "manifest.json")  # what makes a folder hold an encoding
+RANDOM_WEIGHTS = ("model.weights is empty: the encoder is RANDOMLY INITIALIZED (seed run.seed), so these outputs are "
+                  "not features of a trained model; set --model.weights=/path/to/state_dict.pt")
 
 
 # ----------------------------------------------------------------------------- config
@@ -136,11 +146,12 @@ class ChunkStore:
             atomic_write_bytes(path, data)
             atomic_write_json(marker, dict(meta, chunk=chunk, bytes=len(data),
                                            sha256=hashlib.sha256(data).hexdigest()))
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageError(e.errno, f"disk full while writing {path.name} under {self.folder}: the chunks "
-                                            f"written before it are intact; free space and run the same command "
-                                            f"again to encode the rest") from e
+        except Exception as e:
+            full = disk_full_error(e)
+            if full is not None:
+                raise StorageError(full.errno, f"disk full while writing {path.name} under {self.folder}: the chunks "
+                                               f"written before it are intact; free space and run the same command "
+                                               f"again to encode the rest") from e
             raise
         return len(data)
 
@@ -150,8 +161,8 @@ class ChunkStore:
         data = path.read_bytes()
         meta = json.loads(marker.read_text())
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise StorageError(errno.EIO, f"{path} does not match its marker (corrupt); delete {path.name} and "
-                                          f"{marker.name} and run the same command again to encode it again")
+            raise StorageError(errno.EIO, f"{path} does not match its marker (corrupt); run the same encode_stream.py "
+                                          f"command again: it verifies every chunk and encodes corrupt ones again")
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
@@ -199,14 +210,10 @@ def chunk_ranges(num_samples, chunk_samples):
     return [(s, min(s + chunk_samples, num_samples)) for s in range(0, num_samples, chunk_samples)]
 
 
-def fingerprint(cfg, num_samples):
-    """What the outputs depend on: a resumed run must match it, or its chunks would mix two encoders."""
+def facts(cfg, num_samples):
+    """What the outputs depend on beyond the config: the weights file's content and the number of samples."""
     weights = cfg.model.weights
-    return {"model": to_dict(cfg.model), "weights_sha256": sha256_file(weights) if weights else "",
-            "data": {k: v for k, v in to_dict(cfg.data).items() if k not in IGNORED_DATA_KEYS},
-            "split": cfg.encode.split, "outputs": list(cfg.encode.outputs), "store_dtype": cfg.encode.store_dtype,
-            "chunk_samples": cfg.encode.chunk_samples, "num_samples": num_samples,
-            "seed": cfg.run.seed}
+    return {"weights_sha256": sha256_file(weights) if weights else "", "num_samples": num_samples}
 
 
 def load_encoder(cfg, in_channels, seed=0):
@@ -301,70 +308,42 @@ def consolidate(store, run_dir, num_chunks, shapes, dtypes, num_samples):
 
 
 # ----------------------------------------------------------------------------- encode
-def encode(cfg, info, run_dir):
-    """Encode this rank's unfinished chunks; rank 0 then consolidates. Returns the run's numbers."""
-    run_dir = Path(run_dir)
-    device = info.device
-    e = cfg.encode
+def encode(cfg, run):
+    """Encode this rank's unfinished chunks; rank 0 then consolidates. Returns this invocation's numbers."""
+    info, e = run.info, cfg.encode
+    # ---- build: the split in order, its chunks, what the folder holds already
     data_cfg = DataConfig(**{**to_dict(cfg.data), "augment": False, "resize_schedule": {},
                              "image_size": cfg.model.image_size})
-    data = build_data(data_cfg, device, batch_size=e.batch_size, seed=cfg.run.seed)  # all ranks, unsharded
+    data = build_data(data_cfg, info.device, batch_size=e.batch_size, seed=cfg.run.seed)  # all ranks, unsharded
     loader = in_order(data.train if e.split == "train" else data.test)
     num_samples = data.num_train if e.split == "train" else data.num_test
     if e.limit:
         num_samples = min(num_samples, e.limit)
     chunks = chunk_ranges(num_samples, e.chunk_samples)
-    print_main = print if dist.is_main() else (lambda *a, **k: None)
-
-    # a used folder must hold outputs of this very configuration
-    run_dir.mkdir(parents=True, exist_ok=True)
-    expected = fingerprint(cfg, num_samples)
-    info_path = run_dir / "encode_info.json"
-    if info_path.is_file():
-        found = json.loads(info_path.read_text())
-        if cfg.run.resume == "none":
-            raise ConfigError(f"{run_dir} already holds an encoding (run.resume=none refuses to touch it); use "
-                              f"another run.name, or run.resume=auto to continue it")
-        if found != expected:
-            diff = sorted(k for k in expected if found.get(k) != expected[k])
-            raise ConfigError(f"{run_dir} holds outputs of another configuration (differs in: {', '.join(diff)}); "
-                              f"use another run.name, or delete the folder to start over")
-    manifest_path = run_dir / "manifest.json"
-    if manifest_path.is_file() and not info_path.is_file():
-        raise ConfigError(f"{run_dir} holds a manifest.json that encode_stream.py did not write (is it a dataset "
-                          f"folder?); choose another run.out_dir / run.name")
-    if manifest_path.is_file():
-        print_main(f"[encode] {run_dir} is complete already ({num_samples} samples); nothing to do")
-        return {"samples": 0, "seconds": 0.0, "samples_per_s": 0.0, "chunks_written": 0, "complete": True}
-    store = ChunkStore(run_dir)
-    if dist.is_main():  # temp files of a killed run: no rank writes before the barrier below
-        for stale in store.folder.glob(".chunk-*.tmp.*"):
-            stale.unlink(missing_ok=True)
-    dist.barrier()  # every rank has read the folder's state before rank 0 writes into it
-    if dist.is_main():
-        write_run_info(run_dir, cfg, device)
-        if not info_path.is_file():
-            atomic_write_json(info_path, expected)
-
-    # which chunks are done: each rank verifies its share of the files, the answers are combined
-    done = torch.zeros(len(chunks), device=device)
-    for c in range(info.rank, len(chunks), info.world_size):
-        done[c] = float(store.verified(c))
-    done = dist.all_reduce_sum(done).cpu().bool()
-    corrupt = [c for c in range(len(chunks)) if not done[c] and store.paths(c)[1].exists()]
-    if corrupt:
-        print_main(f"[encode] {len(corrupt)} chunk(s) do not match their marker and are encoded again: "
-                   f"{[store.paths(c)[0].name for c in corrupt[:5]]}")
+    if not cfg.model.weights:
+        run.say(f"[encode] WARNING: {RANDOM_WEIGHTS}")
+    manifest_path = run.dir / "manifest.json"
+    check_folder(cfg, run, num_samples)
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest is not None and manifest["consolidated"]:
+        return nothing_to_do(run, num_samples)
+    store = ChunkStore(run.dir)
+    done = verified_chunks(store, len(chunks), info)
+    if manifest is not None:
+        if all(done):
+            return nothing_to_do(run, num_samples)
+        dist.barrier()  # every rank has read the manifest before it goes
+        if dist.is_main():  # a chunk went bad since: the encoding is incomplete until it is encoded again
+            manifest_path.unlink()
     remaining = [c for c in range(len(chunks)) if not done[c]]
     mine = remaining[info.rank::info.world_size]
 
-    # memory and disk, before any work
-    model = load_encoder(cfg.model, data.in_channels, cfg.run.seed).to(device).eval()
+    # ---- memory and disk, before any work
+    model = load_encoder(cfg.model, data.in_channels, cfg.run.seed).to(info.device).eval()
     shapes = {k: v for k, v in model.output_shapes().items() if k in e.outputs}
     store_dtype = STORE_DTYPES[e.store_dtype]
     row_bytes = sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(store_dtype).itemsize + 17
-    chunk_bytes = row_bytes * e.chunk_samples
-    host_bytes = chunk_bytes * (e.write_queue + 2)  # queued + being written + being copied off the device
+    host_bytes = row_bytes * e.chunk_samples * (e.write_queue + 2)  # queued + being written + being copied off
     if host_bytes > e.max_host_gb * 1e9:
         raise ConfigError(f"encode.chunk_samples={e.chunk_samples} x {format_bytes(row_bytes)} per sample with "
                           f"encode.write_queue={e.write_queue} needs {format_bytes(host_bytes)} of host memory, more "
@@ -372,88 +351,20 @@ def encode(cfg, info, run_dir):
     need = row_bytes * sum(chunks[c][1] - chunks[c][0] for c in mine)
     if e.consolidate and dist.is_main():
         need += row_bytes * num_samples
-    check_free_space(run_dir, need, "encoded outputs", "point run.out_dir to a larger disk or set encode.limit")
-    print_main(f"[encode] {num_samples} samples of the {e.split} split in {len(chunks)} chunks "
-               f"({len(chunks) - len(remaining)} done before); {info.world_size} rank(s); outputs "
-               f"{', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())} as {e.store_dtype}, "
-               f"{format_bytes(row_bytes * num_samples)} in all")
+    check_free_space(run.dir, need, "encoded outputs", "point run.out_dir to a larger disk or set encode.limit")
+    run.say(f"[encode] {num_samples} samples of the {e.split} split in {len(chunks)} chunks "
+            f"({len(chunks) - len(remaining)} done before); {info.world_size} rank(s); outputs "
+            f"{', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())} as {e.store_dtype}, "
+            f"{format_bytes(row_bytes * num_samples)} in all")
 
-    encoder = Encoder(model, e.outputs, device, autocast_dtype(e.precision, device), e.batch_size)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
-    written = {"chunks": 0, "bytes": 0, "invalid": 0, "nonfinite": 0}
+    # ---- the loop (no communication between ranks), then the numbers of all ranks
+    encoder = Encoder(model, e.outputs, info.device, autocast_dtype(e.precision, info.device), e.batch_size)
+    written, seconds = encode_chunks(cfg, run, encoder, loader, store, chunks, mine, store_dtype, data.in_channels)
+    result = combine_ranks(run, chunks, mine, written, seconds, len(chunks) - len(remaining), cfg.model.weights)
+    if result.pop("stopped"):
+        run.preempted(result=result)  # exit 0; the verified chunks are kept for the rerun
 
-    def on_written(chunk, nbytes, meta):
-        written["chunks"] += 1
-        written["bytes"] += nbytes
-        written["invalid"] += meta["invalid_rows"]
-        written["nonfinite"] += meta["nonfinite_rows"]
-        metrics.write(kind="chunk", rank=info.rank, chunk=chunk, samples=meta["samples"], bytes=nbytes,
-                      seconds=round(time.perf_counter() - t_start, 3))
-
-    indices = torch.cat([torch.arange(*chunks[c]) for c in mine]) if mine else torch.zeros(0, dtype=torch.int64)
-    seconds, stopped = 0.0, None
-    if mine:
-        with torch.inference_mode():  # one forward before timing: kernel selection and allocator warm-up
-            probe = torch.zeros(min(e.batch_size, 8), data.in_channels, cfg.model.image_size,
-                                cfg.model.image_size, device=device)
-            encoder(probe)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        loader.set_epoch(0, indices=indices)
-        t_start = time.perf_counter()
-        writer = ChunkWriter(store, e.write_queue, on_written)
-        bar = tqdm(total=len(indices), unit="img", disable=not dist.is_main(), desc="encode (rank 0)")
-        pending = {k: [] for k in (*e.outputs, "index", "label")}
-        filled, slot = 0, 0
-        try:
-            with checkpoint.PreemptionHandler() as preempt:
-                for images, labels, index in loader:
-                    out = encoder(images)
-                    out.update(index=index, label=labels)
-                    pos = 0
-                    while pos < len(index):  # a batch may end one chunk and start the next
-                        start, end = chunks[mine[slot]]
-                        take = min(len(index) - pos, end - start - filled)
-                        for k in pending:
-                            pending[k].append(out[k][pos:pos + take])
-                        pos += take
-                        filled += take
-                        if filled == end - start:
-                            arrays, meta = finish_chunk(pending, start, end, store_dtype)
-                            writer.put(mine[slot], arrays, meta)
-                            pending = {k: [] for k in pending}
-                            filled, slot = 0, slot + 1
-                    bar.update(len(index))
-                    if preempt.requested:
-                        stopped = preempt.received
-                        break
-        finally:
-            bar.close()
-            writer.close()  # the chunks finished so far reach the disk, even when the loop failed
-        seconds = time.perf_counter() - t_start
-    metrics.close()
-
-    # combine: samples and the slowest rank's time (the run's wall-clock); any rank stopped -> no consolidation
-    totals = torch.tensor([float(sum(chunks[c][1] - chunks[c][0] for c in mine[:written["chunks"]])),
-                           float(written["chunks"]), float(written["invalid"]), float(written["nonfinite"]),
-                           float(stopped is not None)], device=device, dtype=torch.float64)
-    slowest = torch.tensor([seconds], device=device, dtype=torch.float64)
-    dist.all_reduce_sum(totals)
-    if dist.is_dist():
-        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
-    samples, chunks_written, invalid, nonfinite, any_stopped = totals.tolist()
-    seconds = slowest.item()
-    result = {"samples": int(samples), "seconds": round(seconds, 3),
-              "samples_per_s": round(samples / seconds, 1) if seconds else 0.0,
-              "chunks_written": int(chunks_written),
-              "chunks_done_before": len(chunks) - len(remaining), "invalid_rows": int(invalid),
-              "nonfinite_rows": int(nonfinite), "ranks": info.world_size, "complete": False}
-    if stopped is not None:
-        print(f"[encode] rank {info.rank} stopped by {stopped} after {written['chunks']} chunk(s); run the same "
-              f"command again to encode the rest", flush=True)
-    if any_stopped:
-        return result
-
+    # ---- summary: rank 0 joins the chunks and writes the manifest
     dist.barrier()
     if dist.is_main():
         missing = [c for c in range(len(chunks)) if not store.paths(c)[1].exists()]
@@ -462,22 +373,150 @@ def encode(cfg, info, run_dir):
                                              f"failed; run the same command again to encode them")
         dtypes = {k: store_dtype for k in shapes}
         dtypes.update(index=np.int64, label=np.int64, valid=np.bool_)
-        all_shapes = dict(shapes, index=(), label=(), valid=())
         manifest = {"format": MANIFEST_FORMAT, "num_samples": num_samples, "chunks": len(chunks), "split": e.split,
-                    "outputs": list(e.outputs), "consolidated": e.consolidate, "classes": data.classes}
+                    "outputs": list(e.outputs), "consolidated": e.consolidate, "classes": data.classes,
+                    "weights": cfg.model.weights, "random_weights": not cfg.model.weights}
+        if not cfg.model.weights:
+            manifest["warning"] = RANDOM_WEIGHTS
         if e.consolidate:
-            manifest["files"] = consolidate(store, run_dir, len(chunks), all_shapes, dtypes, num_samples)
+            manifest["files"] = consolidate(store, run.dir, len(chunks), dict(shapes, index=(), label=(), valid=()),
+                                            dtypes, num_samples)
         atomic_write_json(manifest_path, manifest)  # the encoding exists from here on
         if e.consolidate:
             shutil.rmtree(store.folder)
-        result["complete"] = True
-        bad = [f"{result['invalid_rows']} unreadable sample(s) (valid=False, zeros)" if invalid else "",
-               f"{result['nonfinite_rows']} row(s) with inf/nan in {e.store_dtype}" if nonfinite else ""]
-        print(f"[encode] {num_samples} samples -> {run_dir} ({result['samples_per_s']} samples/s over "
+        bad = [f"{result['invalid_rows']} unreadable sample(s) (valid=False, zeros)" if result["invalid_rows"] else "",
+               f"{result['nonfinite_rows']} row(s) with inf/nan in {e.store_dtype}" if result["nonfinite_rows"] else "",
+               f"WARNING: {RANDOM_WEIGHTS}" if not cfg.model.weights else ""]
+        print(f"[encode] {num_samples} samples -> {run.dir} ({result['samples_per_s']} samples/s over "
               f"{info.world_size} rank(s) this run)" + "".join(f"; {b}" for b in bad if b), flush=True)
     dist.barrier()
     result["complete"] = manifest_path.is_file()
+    return run.finish(result, did_work=result["samples"] > 0)
+
+
+def check_folder(cfg, run, num_samples):
+    """Refuse a folder whose outputs came from other weights or another split size, or resume=none on a used one.
+
+    (Run already refused one written with another config.) encode_info.json records these facts for the rerun.
+    """
+    info_path = run.dir / "encode_info.json"
+    expected = facts(cfg, num_samples)
+    used = any(any(run.dir.glob(pattern)) for pattern in WORK)
+    if used and cfg.run.resume == "none":
+        raise ConfigError(f"{run.dir} already holds an encoding (run.resume=none refuses to touch it); use "
+                          f"another run.name, or run.resume=auto to continue it")
+    if used and info_path.is_file():
+        diffs = config_differences(json.loads(info_path.read_text()), expected)
+        if diffs:
+            raise ConfigError(f"{run.dir} holds outputs of another configuration ({'; '.join(diffs)}); use another "
+                              f"run.name, or delete the folder to start over")
+    if (run.dir / "manifest.json").is_file() and not info_path.is_file():
+        raise ConfigError(f"{run.dir} holds a manifest.json that encode_stream.py did not write (is it a dataset "
+                          f"folder?); choose another run.out_dir / run.name")
+    dist.barrier()  # every rank has read the folder before rank 0 writes into it
+    if dist.is_main() and not used:
+        atomic_write_json(info_path, expected)
+
+
+def nothing_to_do(run, num_samples):
+    run.say(f"[encode] {run.dir} is complete already ({num_samples} samples, every chunk verified); nothing to do")
+    result = {"samples": 0, "seconds": 0.0, "samples_per_s": 0.0, "chunks_written": 0, "complete": True}
+    run.finish(result, did_work=False)  # keeps result.json of the run that encoded them
     return result
+
+
+def verified_chunks(store, num_chunks, info):
+    """[bool] per chunk: its file matches its marker. Each rank hashes its share of the files; answers combined."""
+    if dist.is_main():  # temp files of a killed run: no rank writes before the collective below
+        for stale in store.folder.glob(".chunk-*.tmp.*"):
+            stale.unlink(missing_ok=True)
+    done = torch.zeros(num_chunks, device=info.device)
+    for c in range(info.rank, num_chunks, info.world_size):
+        done[c] = float(store.verified(c))
+    done = dist.all_reduce_sum(done).cpu().bool().tolist()
+    corrupt = [c for c in range(num_chunks) if not done[c] and store.paths(c)[1].exists()]
+    if corrupt and dist.is_main():
+        print(f"[encode] {len(corrupt)} chunk(s) do not match their marker and are encoded again: "
+              f"{[store.paths(c)[0].name for c in corrupt[:5]]}", flush=True)
+    return done
+
+
+def encode_chunks(cfg, run, encoder, loader, store, chunks, mine, store_dtype, in_channels):
+    """The hot loop: batches in order -> outputs -> this rank's chunks -> the writer thread. Stops at a batch
+    boundary on a preemption signal. Returns (counts of what was written, seconds)."""
+    e = cfg.encode
+    written = {"chunks": 0, "bytes": 0, "invalid": 0, "nonfinite": 0}
+    if not mine:
+        return written, 0.0
+    t_start = time.perf_counter()
+
+    def on_written(chunk, nbytes, meta):
+        written["chunks"] += 1
+        written["bytes"] += nbytes
+        written["invalid"] += meta["invalid_rows"]
+        written["nonfinite"] += meta["nonfinite_rows"]
+        run.metrics.write(kind="chunk", rank=run.info.rank, chunk=chunk, samples=meta["samples"], bytes=nbytes,
+                          seconds=round(time.perf_counter() - t_start, 3))
+
+    device = run.info.device
+    with torch.inference_mode():  # one forward before timing: kernel selection and allocator warm-up
+        encoder(torch.zeros(min(e.batch_size, 8), in_channels, cfg.model.image_size, cfg.model.image_size,
+                            device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    loader.set_epoch(0, indices=torch.cat([torch.arange(*chunks[c]) for c in mine]))
+    t_start = time.perf_counter()
+    writer = ChunkWriter(store, e.write_queue, on_written)
+    bar = tqdm(total=sum(chunks[c][1] - chunks[c][0] for c in mine), unit="img", disable=not dist.is_main(),
+               desc="encode (rank 0)")
+    pending = {k: [] for k in (*e.outputs, "index", "label")}
+    filled, slot = 0, 0
+    try:
+        for images, labels, index in loader:
+            out = encoder(images)
+            out.update(index=index, label=labels)
+            pos = 0
+            while pos < len(index):  # a batch may end one chunk and start the next
+                start, end = chunks[mine[slot]]
+                take = min(len(index) - pos, end - start - filled)
+                for k in pending:
+                    pending[k].append(out[k][pos:pos + take])
+                pos += take
+                filled += take
+                if filled == end - start:
+                    arrays, meta = finish_chunk(pending, start, end, store_dtype)
+                    writer.put(mine[slot], arrays, meta)
+                    pending = {k: [] for k in pending}
+                    filled, slot = 0, slot + 1
+            bar.update(len(index))
+            if run.should_stop(collective=False):  # ranks never wait for each other here
+                break
+    finally:
+        bar.close()
+        writer.close()  # the chunks finished so far reach the disk, even when the loop failed
+    if run.stopped:
+        print(f"[encode] rank {run.info.rank} stopped by {run.preempt.received} after {written['chunks']} chunk(s); "
+              f"run the same command again to encode the rest", flush=True)
+    return written, time.perf_counter() - t_start
+
+
+def combine_ranks(run, chunks, mine, written, seconds, done_before, weights):
+    """Samples over all ranks and the slowest rank's time (the run's wall-clock); "stopped" if any rank stopped."""
+    device = run.info.device
+    totals = torch.tensor([float(sum(chunks[c][1] - chunks[c][0] for c in mine[:written["chunks"]])),
+                           float(written["chunks"]), float(written["invalid"]), float(written["nonfinite"]),
+                           float(run.stopped)], device=device, dtype=torch.float64)
+    slowest = torch.tensor([seconds], device=device, dtype=torch.float64)
+    dist.all_reduce_sum(totals)
+    if dist.is_dist():
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+    samples, chunks_written, invalid, nonfinite, any_stopped = totals.tolist()
+    seconds = slowest.item()
+    return {"samples": int(samples), "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / seconds, 1) if seconds else 0.0, "chunks_written": int(chunks_written),
+            "chunks_done_before": done_before, "invalid_rows": int(invalid), "nonfinite_rows": int(nonfinite),
+            "ranks": run.info.world_size, "random_weights": not weights, "complete": False,
+            "stopped": bool(any_stopped)}
 
 
 def finish_chunk(pending, start, end, store_dtype):
@@ -503,23 +542,14 @@ def finish_chunk(pending, start, end, store_dtype):
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
+    """Encode the split into <out_dir>/<name>; returns this invocation's numbers (Preempted: exit 0, rerun)."""
     info = dist.setup(cfg.run.seed, cfg.run.device)
     try:
-        return encode(cfg, info, Path(cfg.run.out_dir) / cfg.run.name)
+        with Run(cfg, info, may_change=MAY_CHANGE, work=WORK) as run:
+            return encode(cfg, run)
     finally:
         dist.cleanup()
 
 
-# errors whose message says what to fix (bad config, missing data, full disk, corrupt output)
-USER_ERRORS = (ConfigError, FileNotFoundError, StorageError)
-
-
 if __name__ == "__main__":
-    try:
-        config = parse(Config(), sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    try:
-        main(config)
-    except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    run_script(main, Config(), __doc__)

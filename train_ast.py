@@ -29,7 +29,6 @@ backward samples in every setting tried; the old policies stay selectable (ast.b
 """
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,20 +38,23 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lib import checkpoint, dist
-from lib.config import ConfigError, merge, parse, to_dict, write_run_info
+from lib.config import ConfigError, merge, to_dict
 from lib.data import DataConfig, build_data
 from lib.energy import EnergyMeter
-from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep,
-                      build_optimizer, check_micro_batch, per_rank_batch, prepare_model)
+from lib.loop import (LoopConfig, OptimConfig, Throughput, TrainStep, build_optimizer, check_micro_batch,
+                      per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
 from lib.models import ModelConfig, build_model
+from lib.compare import load_predictions, save_predictions, write_comparison
 from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, gradient_proxy,
                            importance_weights, inclusion_probabilities, per_sample_loss, significance,
                            stratified_counts, systematic_sample)
-from lib.compare import load_predictions, save_predictions, write_comparison
-from lib.storage import StorageError, atomic_write_json, format_report, run_report
+from lib.run import MAY_CHANGE as RUN_MAY_CHANGE, Run, refuse_other_config, run_script
+from lib.storage import format_report, run_report
 
 MODES = ("full", "batch", "epoch", "random", "budget", "curriculum")
+# keys a rerun may change without invalidating a finished or checkpointed run (where it runs, how it reports)
+MAY_CHANGE = RUN_MAY_CHANGE + ("run.eval_every", "loop.compile", "loop.compile_mode", "compare")
 BATCH_POLICIES = ("sample", "top")
 EPOCH_POLICIES = ("sample", "infobatch", "top")
 
@@ -240,6 +242,80 @@ def evaluate(model, loader, autocast, task, num_test):
     return metrics, per_sample
 
 
+# ----------------------------------------------------------------------------- selection
+# batch mode: which samples of a scored batch to train; epoch mode: which samples an epoch trains
+def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, capture, task, match_counts,
+                 counters):
+    """Batch mode: score the batch without grad, pick the subset; returns it gathered with its loss weights (None =
+    plain mean), and the offered and scored counts."""
+    ast = cfg.ast
+    batch = x.shape[0]
+    weights = None
+    if ast.mode == "random":
+        if match_counts:
+            k = match_counts[min(counters["step"], len(match_counts) - 1)]
+        else:
+            rate = ast.controller.target_rate
+            k = subset_size(round(rate * batch), batch, rate, ast.round_to, ast.rate_band)
+        selected = torch.randperm(batch, device=x.device, generator=gen)[:k]
+        scored = 0  # the random control needs no scores: unselected samples cost nothing
+    else:
+        same_res = ast.score_resolution in (0, x.shape[-1])
+        # Running BN statistics come from the full scoring batch when it runs at the training resolution
+        # (unbiased), else from the trained subset; the other forward leaves them unchanged (momentum 0).
+        with torch.no_grad(), step_fn.autocast(), bn_momentum(bn_layers, None if same_res else 0.0):
+            xs = x if same_res else F.interpolate(x, size=ast.score_resolution, mode="bilinear",
+                                                  align_corners=False)
+            outputs = model(xs)
+            loss = per_sample_loss(outputs, y, task)
+            s = significance(ast.score, outputs, y, images=x, loss=loss, task=task,
+                             features=capture.features if capture else None)
+        mask = controller.select(s, generator=gen)
+        k = int(mask.sum())  # the one host sync per step: the subset size sets the shapes below
+        k = subset_size(k, batch, ast.controller.target_rate, ast.round_to, ast.rate_band)
+        if ast.batch_policy == "sample":
+            # the controller decides how many, the scores which: drawn with keep probabilities that rise with the
+            # gradient proxy and never fall to zero (see lib/selection.py)
+            p = inclusion_probabilities(gradient_proxy(s, ast.score, task), k, ast.uniform_mix)
+            selected = systematic_sample(p, k, generator=gen)
+            if ast.weight_power > 0:
+                weights = importance_weights(p, selected, k, batch, ast.weight_power)
+        else:
+            priority = torch.where(mask, torch.full_like(s, float("inf")), s)
+            selected = priority.topk(k, sorted=False).indices
+        chosen = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        chosen[selected] = True
+        controller.update(chosen)
+        scored = batch
+    counters["counts"].append(len(selected))
+    x = x[selected]  # (k, C, H, W): the gather may drop channels_last
+    if x.dim() == 4 and cfg.loop.channels_last and x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y[selected], idx[selected], weights, batch, scored
+
+
+def subset_size(k, batch, target_rate, round_to, band=0.02):
+    """The number of samples to train this step: the controller's count `k`, rounded up to a multiple of a bucket
+    and kept within target_rate +- band of the batch.
+
+    Buckets keep the set of shapes small (each new shape costs cuDNN autotuning: `round_to` samples where the
+    band is wide enough, a power of two that fits it otherwise); the band keeps every step's rate within
+    +-band of the target while the controller, which counts what is finally trained, holds the mean on it.
+    """
+    target_k = target_rate * batch
+    low = max(1, math.ceil((target_rate - band) * batch - 1e-9))
+    high = min(batch, math.floor((target_rate + band) * batch + 1e-9))
+    if high < low:  # a band narrower than one sample: the nearest count
+        low = high = min(batch, max(1, round(target_k)))
+    step = max(1, min(round_to, 2 ** int(math.floor(math.log2(max(1.0, (high - low) / 2))))))
+    first, last = math.ceil(low / step) * step, (high // step) * step
+    if first > last:
+        first = last = max(low, min(high, round(target_k)))
+        step = 1
+    k = math.ceil(max(k, 1) / step) * step
+    return min(last, max(first, k))
+
+
 def epoch_size(cfg, epoch, num_train, count=None):
     """Samples an epoch-wise run trains on in `epoch`: all of them in the warm-up and final epochs, else the kept
     share; `count` (another run's number for this epoch, when matching it) overrides both. None means all data."""
@@ -325,24 +401,39 @@ def _plan_top_explore(ast, scores, num_train, n_keep, g):
 
 
 # ----------------------------------------------------------------------------- one training run
-def train(cfg, info, run_dir, reference=None):
-    """Train one variant into run_dir; returns its measured summary (also written to result.json)."""
-    reference = reference or {}
-    ast = cfg.ast
-    mode = ast.mode
-    if mode == "random" and ast.match:
+@dataclass
+class Variant:
+    """Everything one training run is built from (the build phase); the loop below reads it."""
+    cfg: Config
+    info: object
+    name: str
+    batch_like: bool                # selection per scored batch (batch mode, random per batch)
+    epoch_like: bool                # a sample plan per epoch (epoch mode, random per epoch, curriculum)
+    data: object
+    model: torch.nn.Module          # DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    step_fn: TrainStep
+    controller: PIController
+    gen: torch.Generator            # this rank's selection randomness (checkpointed)
+    capture: object                 # FeatureCapture for loss_gradnorm, else None
+    bn_layers: list
+    scores: torch.Tensor            # epoch modes: last-seen score per training sample (+inf = never trained)
+    seen: torch.Tensor              # ... and whether this epoch trained it (merged over ranks at epoch end)
+    train_labels: object            # class-balanced plans: labels of the training split
+    match_counts: list | None       # the per-step / per-epoch sample counts of the run this one matches
+    total_steps: int
+    loader_batch: int               # samples per loader batch on this rank (batch mode: the scoring batch)
+
+
+def build(cfg, info, name, reference):
+    """Data, model, optimizer, the training step and the selection state of one variant."""
+    ast, device = cfg.ast, info.device
+    if ast.mode == "random" and ast.match:
         granularity = "epoch" if reference.get(ast.match, {}).get("mode") == "epoch" else "batch"
     else:
         granularity = ast.random_granularity
-    batch_like = mode == "batch" or (mode == "random" and granularity == "batch")
-    epoch_like = mode in ("epoch", "curriculum") or (mode == "random" and granularity == "epoch")
-    device = info.device
-    main_rank = dist.is_main()
-    if cfg.run.resume != "none":
-        check_same_config(run_dir, cfg)  # before config.yaml is rewritten: never resume another config's run
-    if main_rank:
-        write_run_info(run_dir, cfg, device)
-
+    batch_like = ast.mode == "batch" or (ast.mode == "random" and granularity == "batch")
+    epoch_like = ast.mode in ("epoch", "curriculum") or (ast.mode == "random" and granularity == "epoch")
     per_rank = per_rank_batch(cfg.loop.global_batch, info.world_size)
     loader_batch = per_rank_batch(ast.score_batch or cfg.loop.global_batch, info.world_size) if batch_like \
         else per_rank
@@ -351,18 +442,15 @@ def train(cfg, info, run_dir, reference=None):
     if data.num_train // info.world_size < loader_batch:
         raise ConfigError(f"the training set has {data.num_train} samples, fewer than one batch of "
                           f"{loader_batch} per rank x {info.world_size} ranks; lower loop.global_batch")
-    task = data.task
-    check_score(ast.score, task)
+    check_score(ast.score, data.task)
 
     torch.manual_seed(cfg.run.seed)  # same init on every rank and for every compare variant
-    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
-    model = prepare_model(model, cfg.loop, device)
+    model = prepare_model(build_model(cfg.model, data.in_channels, data.num_classes, data.image_size), cfg.loop,
+                          device)
     raw_model = checkpoint.unwrap(model)
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = build_optimizer(raw_model, cfg.optim, device)
-    capture = FeatureCapture(raw_model) if ast.score == "loss_gradnorm" else None
-    bn_layers = batchnorm_layers(raw_model)
 
     # optimizer steps: the LR schedule is a pure function of the step, so it needs the total up front
     n = data.num_train
@@ -379,7 +467,7 @@ def train(cfg, info, run_dir, reference=None):
         total_steps = sum(n_rank(n if size is None else size) for size in sizes)
     else:
         total_steps = cfg.run.epochs * n_rank(n)
-    if mode == "budget":
+    if ast.mode == "budget":
         budget = ast.budget_samples or reference.get(ast.budget_of, {}).get("backward_samples", 0)
         if budget <= 0:
             raise ConfigError("ast.mode=budget needs ast.budget_samples > 0 or ast.budget_of naming an earlier "
@@ -393,205 +481,217 @@ def train(cfg, info, run_dir, reference=None):
             check_micro_batch(per_rank, cfg.loop.micro_batch)
         micro = cfg.loop.micro_batch
     elif cfg.loop.micro_batch == -1 and device.type == "cuda":
-        micro = auto_micro_batch(model, data, cfg, per_rank, task)
+        micro = auto_micro_batch(model, data, cfg, per_rank, data.task)
     else:
         # batch mode gathers subsets of any size up to the whole scoring batch (its warm-up trains on all of
         # it): never run more than the per-rank training batch through one forward
         micro = per_rank if batch_like else None
     step_fn = TrainStep(model, optimizer, cfg.loop, cfg.optim, total_steps, device, micro_batch=micro, log=say)
-    controller = PIController(ast.controller, device)
-    gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 17 * info.rank)
-    scores = torch.full((n,), float("inf"), device=device)  # epoch mode: last-seen score per sample
-    train_labels = training_labels(data.train) if ast.class_balanced else None
-    seen = torch.zeros(n, dtype=torch.bool, device=device)
-    say(f"[{run_dir.name}] mode={mode} model={cfg.model.name} train={n} steps={total_steps} "
+    say(f"[{name}] mode={ast.mode} model={cfg.model.name} train={n} steps={total_steps} "
         f"global batch={cfg.loop.global_batch} per rank={per_rank} micro={micro or per_rank} "
         f"ranks={info.world_size} precision={step_fn.dtype or 'fp32'} device={device}")
+    return Variant(cfg=cfg, info=info, name=name, batch_like=batch_like, epoch_like=epoch_like, data=data,
+                   model=model, optimizer=optimizer, step_fn=step_fn,
+                   controller=PIController(ast.controller, device),
+                   gen=torch.Generator(device=device).manual_seed(cfg.run.seed + 17 * info.rank),
+                   capture=FeatureCapture(raw_model) if ast.score == "loss_gradnorm" else None,
+                   bn_layers=batchnorm_layers(raw_model), scores=torch.full((n,), float("inf"), device=device),
+                   seen=torch.zeros(n, dtype=torch.bool, device=device),
+                   train_labels=training_labels(data.train) if ast.class_balanced else None,
+                   match_counts=match_counts, total_steps=total_steps, loader_batch=loader_batch)
 
-    # ---- resume
-    counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "backward_samples": 0,
-                "score_forward_samples": 0, "offered_samples": 0, "train_seconds": 0.0, "energy_j": 0.0,
-                "counts": [], "curve": []}
-    ckpt_dir = run_dir / "checkpoints"
-    resume_path = checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
-    if resume_path is not None:
-        state = checkpoint.load(resume_path, map_location=device)
-        checkpoint.restore_training(state, model, optimizer, step_fn, counters, info.rank, cfg.run.seed)
-        controller.load_state_dict(state["controller"])
-        scores.copy_(state["scores"])
-        if info.rank == 0:
-            gen.set_state(state["generator"].cpu())
-        else:  # the checkpoint holds rank 0's generator; the other ranks derive theirs from the step
-            gen.manual_seed(cfg.run.seed + 17 * info.rank + 1_000_003 * counters["step"])
-        say(f"[{run_dir.name}] resumed from {resume_path} at step {counters['step']} "
-            f"(epoch {counters['epoch']}, batch {counters['batch_in_epoch']})")
 
-    def save_checkpoint():
-        if not main_rank:
-            return
-        checkpoint.save(ckpt_dir, counters["step"], checkpoint.training_state(
-            model, optimizer, step_fn, counters, to_dict(cfg), controller=controller.state_dict(), scores=scores,
-            generator=gen.get_state()), keep=cfg.run.keep_checkpoints)
+def train(cfg, info, run_dir, reference=None):
+    """Train one variant into run_dir; returns its measured summary (also written to result.json)."""
+    with Run(cfg, info, may_change=MAY_CHANGE, run_dir=run_dir, log=say) as run:   # refuses another config's folder
+        v = build(cfg, info, run.dir.name, reference or {})
 
-    # ---- the loss of one micro-batch; epoch mode records each sample's score as it trains
-    def forward_loss(model_, inputs, targets):
-        labels, index = targets
-        outputs = model_(inputs)
-        loss = per_sample_loss(outputs, labels, task)
-        if epoch_like:
-            s = significance(ast.score, outputs.detach(), labels, images=inputs, loss=loss.detach(), task=task,
-                             features=capture.features if capture else None)
-            scores[index] = s.float()
-            seen[index] = True
-        return loss
+        # ---- resume
+        counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "backward_samples": 0, "score_forward_samples": 0,
+                    "offered_samples": 0, "train_seconds": 0.0, "energy_j": 0.0, "counts": [], "curve": []}
+        state = run.resume(info.device)
+        if state is not None:
+            checkpoint.restore_training(state, v.model, v.optimizer, v.step_fn, counters, info.rank, cfg.run.seed)
+            v.controller.load_state_dict(state["controller"])
+            v.scores.copy_(state["scores"])
+            if info.rank == 0:
+                v.gen.set_state(state["generator"].cpu())
+            else:  # the checkpoint holds rank 0's generator; the other ranks derive theirs from the step
+                v.gen.manual_seed(cfg.run.seed + 17 * info.rank + 1_000_003 * counters["step"])
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main_rank)
+        def snapshot():
+            return checkpoint.training_state(v.model, v.optimizer, v.step_fn, counters, to_dict(cfg),
+                                             controller=v.controller.state_dict(), scores=v.scores,
+                                             generator=v.gen.get_state())
 
-    def evaluate_into_curve(epoch_done):
-        result, per_sample = evaluate(model, data.test, step_fn.autocast, task, data.num_test)
-        counters["curve"].append({"epoch": epoch_done, "step": counters["step"],
-                                  "train_seconds": counters["train_seconds"], **result})
-        metrics.write(kind="eval", epoch=epoch_done, step=counters["step"], train_seconds=counters["train_seconds"],
-                      **result)
-        say(f"[{run_dir.name}] epoch {epoch_done}: " + " ".join(f"{k}={v:.4f}" for k, v in result.items())
-            + f" train {counters['train_seconds']:.1f}s")
-        return per_sample
+        def evaluate_into_curve(epoch_done):
+            result, per_sample = evaluate(v.model, v.data.test, v.step_fn.autocast, v.data.task, v.data.num_test)
+            counters["curve"].append({"epoch": epoch_done, "step": counters["step"],
+                                      "train_seconds": counters["train_seconds"], **result})
+            run.metrics.write(kind="eval", epoch=epoch_done, step=counters["step"],
+                              train_seconds=counters["train_seconds"], **result)
+            say(f"[{run.dir.name}] epoch {epoch_done}: " + " ".join(f"{k}={val:.4f}" for k, val in result.items())
+                + f" train {counters['train_seconds']:.1f}s")
+            return per_sample
 
-    predictions = None
-    meter = EnergyMeter(device)
-    window = {"loss": torch.zeros((), device=device), "steps": 0, "selected": 0, "offered": 0}
-    throughput = Throughput(device)
-    done = counters["step"] >= total_steps
-    with checkpoint.PreemptionHandler() as preempt:
+        # ---- the epoch loop
+        predictions = None
+        meter = EnergyMeter(info.device)
         for epoch in range(counters["epoch"], cfg.run.epochs):
-            if done:
+            if counters["step"] >= v.total_steps:
                 break
-            weights = None
-            plan_idx = None
-            if epoch_like:
-                plan = counters.get("plan")
-                if counters["batch_in_epoch"] > 0 and plan is not None and plan["epoch"] == epoch:
-                    # resumed inside this epoch: its plan was made from the scores at its start, which training
-                    # has updated since; re-planning would train other samples than the uninterrupted run did
-                    plan_idx, weights_cpu = plan["indices"], plan["weights"]
-                else:
-                    count = match_counts[epoch] if match_counts else None
-                    plan_idx, weights_cpu, threshold = plan_epoch(cfg, epoch, scores, n, task, train_labels,
-                                                                  data.num_classes, count)
-                    counters["plan"] = {"epoch": epoch, "indices": plan_idx, "weights": weights_cpu}
-                    metrics.write(kind="epoch_plan", epoch=epoch, selected=n if plan_idx is None else len(plan_idx),
-                                  rate=1.0 if plan_idx is None else len(plan_idx) / n, threshold=threshold)
-                weights = weights_cpu.to(device) if weights_cpu is not None else None
-                if counters["batch_in_epoch"] == 0 and len(counters["counts"]) == epoch:
-                    counters["counts"].append(n if plan_idx is None else len(plan_idx))
-            data.train.set_epoch(epoch, indices=plan_idx, start_batch=counters["batch_in_epoch"])
-            seen.zero_()
-            model.train()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            weights, plan_idx = epoch_plan(v, counters, epoch, run.metrics)
+            v.data.train.set_epoch(epoch, indices=plan_idx, start_batch=counters["batch_in_epoch"])
+            v.seen.zero_()
+            if info.device.type == "cuda":
+                torch.cuda.synchronize(info.device)
             meter.start()
             t0 = time.perf_counter()
-            bar = tqdm(total=len(data.train) + counters["batch_in_epoch"], initial=counters["batch_in_epoch"],
-                       desc=f"{run_dir.name} epoch {epoch}", disable=not main_rank, leave=False, mininterval=2)
-            for x, y, idx in data.train:
-                scored_here = False  # did a scoring forward at the training resolution see this batch?
-                if batch_like and epoch < ast.warmup_epochs:
-                    counters["counts"].append(x.shape[0])  # warm-up: the whole batch, no scoring forward
-                    offered = x.shape[0]
-                    w = None
-                elif batch_like:
-                    x, y, idx, w, offered, scored = select_batch(cfg, model, bn_layers, x, y, idx, controller, gen,
-                                                                 step_fn, capture, task, match_counts, counters)
-                    counters["score_forward_samples"] += scored
-                    scored_here = scored > 0 and ast.score_resolution in (0, x.shape[-1])
-                if batch_like:
-                    counters["offered_samples"] += offered
-                    window["offered"] += offered
-                else:
-                    w = weights[idx] if weights is not None else None
-                # batch mode scoring at the training resolution already updated the running BN statistics
-                # from the whole batch; the subset forward then leaves them alone (see select_batch)
-                with bn_momentum(bn_layers, 0.0 if scored_here else None):
-                    out = step_fn(x, (y, idx), forward_loss, weights=w)
-                counters["step"] += 1
-                counters["batch_in_epoch"] += 1
-                counters["backward_samples"] += out.samples
-                window["selected"] += out.samples
-                window["loss"] += out.loss
-                window["steps"] += 1
-                throughput.add(out.samples)
-                bar.update(1)
-                step = counters["step"]
-                if step % cfg.loop.log_every == 0 or step == total_steps:
-                    rate, peak = throughput.read()
-                    loss = (window["loss"] / window["steps"]).item()
-                    record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": out.lr,
-                              "samples_per_s": rate, "peak_gb": peak,
-                              "nonfinite_skipped": int(step_fn.nonfinite_total.item())}
-                    if batch_like:
-                        record.update(activation_rate=window["selected"] / max(1, window["offered"]),
-                                      threshold=float(controller.score_threshold()))
-                    metrics.write(**record)
-                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", mem=f"{peak:.1f}G")
-                    window.update(loss=torch.zeros((), device=device), steps=0, selected=0, offered=0)
-                if step >= total_steps:
-                    done = True
-                    break
-                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                    save_checkpoint()
-                if preempt.stop_now(step, cfg.loop.log_every, device):
-                    break
-            else:
-                counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0  # the loader ran out: epoch done
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            run_epoch(v, run, counters, epoch, weights)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize(info.device)
             counters["train_seconds"] += time.perf_counter() - t0
             counters["energy_j"] = None if not meter.available else (counters["energy_j"] or 0) + meter.read()
-            if epoch_like and info.distributed:
-                sync_scores(scores, seen)
-            if preempt.sync_requested(device) if info.distributed else preempt.requested:  # collective under DDP
-                save_checkpoint()
-                say(f"[{run_dir.name}] preemption signal: checkpoint at step {counters['step']} written; "
-                    f"rerun the same command to resume")
-                metrics.close()
-                dist.cleanup()
-                sys.exit(0)
+            if v.epoch_like and info.distributed:
+                sync_scores(v.scores, v.seen)
+            if run.should_stop():
+                run.preempted(counters["step"], snapshot)  # checkpoint, one line, exit 0: rerun to resume
+            done = counters["step"] >= v.total_steps
             if (epoch + 1) % cfg.run.eval_every == 0 or done or epoch + 1 == cfg.run.epochs:
                 predictions = evaluate_into_curve(epoch + 1)
-            save_checkpoint()
-    if capture:
-        capture.close()
-    # the final evaluation belongs to the final step: a run stopped right after its last step (SIGTERM) and rerun
-    # evaluates here instead of reporting the curve's previous point
-    if not counters["curve"] or counters["curve"][-1]["step"] != counters["step"]:
-        predictions = evaluate_into_curve(min(cfg.run.epochs, counters["epoch"] + (counters["batch_in_epoch"] > 0)))
-    metrics.close()
+            run.save(counters["step"], snapshot)
+
+        # ---- summary
+        if v.capture:
+            v.capture.close()
+        # the final evaluation belongs to the final step: a run stopped right after its last step (SIGTERM) and
+        # rerun evaluates here instead of reporting the curve's previous point
+        if not counters["curve"] or counters["curve"][-1]["step"] != counters["step"]:
+            predictions = evaluate_into_curve(min(cfg.run.epochs, counters["epoch"] + (counters["batch_in_epoch"] > 0)))
+        if dist.is_main() and predictions is not None:
+            save_predictions(run.dir, predictions)
+        return run.finish(summarize(v, counters, run.dir), did_work=predictions is not None, report=False)
+
+
+def epoch_plan(v, counters, epoch, metrics):
+    """Epoch-wise runs: (per-sample loss weights on the device or None, the epoch's sample indices or None = all).
+
+    A run resumed inside an epoch continues that epoch's checkpointed plan: it was made from the scores at the
+    epoch's start, which training has updated since, and re-planning would train other samples."""
+    if not v.epoch_like:
+        return None, None
+    n = v.data.num_train
+    plan = counters.get("plan")
+    if counters["batch_in_epoch"] > 0 and plan is not None and plan["epoch"] == epoch:
+        plan_idx, weights = plan["indices"], plan["weights"]
+    else:
+        count = v.match_counts[epoch] if v.match_counts else None
+        plan_idx, weights, threshold = plan_epoch(v.cfg, epoch, v.scores, n, v.data.task, v.train_labels,
+                                                  v.data.num_classes, count)
+        counters["plan"] = {"epoch": epoch, "indices": plan_idx, "weights": weights}
+        metrics.write(kind="epoch_plan", epoch=epoch, selected=n if plan_idx is None else len(plan_idx),
+                      rate=1.0 if plan_idx is None else len(plan_idx) / n, threshold=threshold)
+    if counters["batch_in_epoch"] == 0 and len(counters["counts"]) == epoch:
+        counters["counts"].append(n if plan_idx is None else len(plan_idx))
+    return (weights.to(v.info.device) if weights is not None else None), plan_idx
+
+
+def run_epoch(v, run, counters, epoch, weights):
+    """The steps of one epoch (from counters["batch_in_epoch"] on), until the loader runs out, the run's last step,
+    or a preemption signal; counts samples and logs every loop.log_every steps."""
+    cfg, ast, device = v.cfg, v.cfg.ast, v.info.device
+
+    def forward_loss(model, inputs, targets):  # epoch-wise runs record each sample's score as it trains
+        labels, index = targets
+        outputs = model(inputs)
+        loss = per_sample_loss(outputs, labels, v.data.task)
+        if v.epoch_like:
+            s = significance(ast.score, outputs.detach(), labels, images=inputs, loss=loss.detach(), task=v.data.task,
+                             features=v.capture.features if v.capture else None)
+            v.scores[index] = s.float()
+            v.seen[index] = True
+        return loss
+
+    window = {"loss": torch.zeros((), device=device), "steps": 0, "selected": 0, "offered": 0}
+    throughput = Throughput(device)
+    v.model.train()
+    bar = tqdm(total=len(v.data.train) + counters["batch_in_epoch"], initial=counters["batch_in_epoch"],
+               desc=f"{run.dir.name} epoch {epoch}", disable=not dist.is_main(), leave=False, mininterval=2)
+    for x, y, idx in v.data.train:
+        w, scored_here = None, False  # did a scoring forward at the training resolution see this batch?
+        if v.batch_like and epoch < ast.warmup_epochs:
+            counters["counts"].append(x.shape[0])  # warm-up: the whole batch, no scoring forward
+            offered = x.shape[0]
+        elif v.batch_like:
+            x, y, idx, w, offered, scored = select_batch(cfg, v.model, v.bn_layers, x, y, idx, v.controller, v.gen,
+                                                         v.step_fn, v.capture, v.data.task, v.match_counts, counters)
+            counters["score_forward_samples"] += scored
+            scored_here = scored > 0 and ast.score_resolution in (0, x.shape[-1])
+        elif weights is not None:
+            w = weights[idx]
+        if v.batch_like:
+            counters["offered_samples"] += offered
+            window["offered"] += offered
+        # batch mode scoring at the training resolution already updated the running BN statistics from the
+        # whole batch; the subset forward then leaves them alone (see select_batch)
+        with bn_momentum(v.bn_layers, 0.0 if scored_here else None):
+            out = v.step_fn(x, (y, idx), forward_loss, weights=w)
+        counters["step"] += 1
+        counters["batch_in_epoch"] += 1
+        counters["backward_samples"] += out.samples
+        window["selected"] += out.samples
+        window["loss"] += out.loss
+        window["steps"] += 1
+        throughput.add(out.samples)
+        bar.update(1)
+        step = counters["step"]
+        if step % cfg.loop.log_every == 0 or step == v.total_steps:
+            rate, peak = throughput.read()
+            loss = (window["loss"] / window["steps"]).item()
+            record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": out.lr,
+                      "samples_per_s": rate, "peak_gb": peak,
+                      "nonfinite_skipped": int(v.step_fn.nonfinite_total.item())}
+            if v.batch_like:
+                record.update(activation_rate=window["selected"] / max(1, window["offered"]),
+                              threshold=float(v.controller.score_threshold()))
+            run.metrics.write(**record)
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", mem=f"{peak:.1f}G")
+            window.update(loss=torch.zeros((), device=device), steps=0, selected=0, offered=0)
+        if step >= v.total_steps:
+            break
+        run.save_if_due(step, lambda: checkpoint.training_state(
+            v.model, v.optimizer, v.step_fn, counters, to_dict(cfg), controller=v.controller.state_dict(),
+            scores=v.scores, generator=v.gen.get_state()))
+        if run.should_stop(step):
+            break
+    else:
+        counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0  # the loader ran out: epoch done
+    bar.close()
+
+
+def summarize(v, counters, run_dir):
+    """The run's measured summary (result.json): accuracy, samples, time, what compare.md needs to explain it."""
+    cfg, ast, n = v.cfg, v.cfg.ast, v.data.num_train
     final = counters["curve"][-1]
-    if main_rank and predictions is not None:
-        save_predictions(run_dir, predictions)
     scored = counters["score_forward_samples"]
-    summary = {
-        "name": run_dir.name, "mode": mode, "steps": counters["step"], "num_classes": data.num_classes,
+    offered = counters["offered_samples"] if v.batch_like else cfg.run.epochs * n if v.epoch_like \
+        else counters["backward_samples"]
+    return {
+        "name": run_dir.name, "mode": ast.mode, "steps": counters["step"], "num_classes": v.data.num_classes,
         "train_seconds": counters["train_seconds"], "energy_j": counters["energy_j"],
         # every trained sample had one training forward; batch mode adds its scoring forward
         "forward_samples": counters["backward_samples"] + scored, "backward_samples": counters["backward_samples"],
         "score_forward_samples": scored,
         # backward samples over samples offered: loader samples in batch mode, data x epochs in epoch mode
-        "activation_rate": counters["backward_samples"] / max(1, counters["offered_samples"] if batch_like else
-                                                              cfg.run.epochs * n if epoch_like else
-                                                              counters["backward_samples"]),
-        "skipped_files": getattr(data.train, "skipped", 0), "nonfinite_skipped": int(step_fn.nonfinite_total.item()),
+        "activation_rate": counters["backward_samples"] / max(1, offered),
+        "skipped_files": getattr(v.data.train, "skipped", 0),
+        "nonfinite_skipped": int(v.step_fn.nonfinite_total.item()),
         "counts": counters["counts"], "curve": counters["curve"],
-        # what compare.md needs to explain the run and pair it with its controls
-        "target_rate": ast.controller.target_rate if mode != "full" else 1.0, "match": ast.match,
-        "budget_of": ast.budget_of, "epochs": cfg.run.epochs, "run_dir": str(run_dir), "classes": data.classes,
-        **phase_rates(cfg, counters["counts"], n, loader_batch, batch_like, epoch_like),
-        **{k: v for k, v in final.items() if k in ("top1", "top5", "mse")},
+        "target_rate": ast.controller.target_rate if ast.mode != "full" else 1.0, "match": ast.match,
+        "budget_of": ast.budget_of, "epochs": cfg.run.epochs, "run_dir": str(run_dir), "classes": v.data.classes,
+        **phase_rates(cfg, counters["counts"], n, v.loader_batch, v.batch_like, v.epoch_like),
+        **{k: val for k, val in final.items() if k in ("top1", "top5", "mse")},
     }
-    if main_rank:
-        atomic_write_json(run_dir / "result.json", summary)
-    return summary
 
 
 def phase_rates(cfg, counts, num_train, loader_batch, batch_like, epoch_like):
@@ -605,78 +705,6 @@ def phase_rates(cfg, counts, num_train, loader_batch, batch_like, epoch_like):
         return {"full_data_epochs": min(cfg.ast.warmup_epochs, cfg.run.epochs),
                 "sparse_activation_rate": sum(sparse) / (loader_batch * len(sparse)) if sparse else None}
     return {"full_data_epochs": cfg.run.epochs, "sparse_activation_rate": None}
-
-
-def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, capture, task, match_counts,
-                 counters):
-    """Batch mode: score the batch without grad, pick the subset; returns it gathered with its loss weights (None =
-    plain mean), and the offered and scored counts."""
-    ast = cfg.ast
-    batch = x.shape[0]
-    weights = None
-    if ast.mode == "random":
-        if match_counts:
-            k = match_counts[min(counters["step"], len(match_counts) - 1)]
-        else:
-            rate = ast.controller.target_rate
-            k = subset_size(round(rate * batch), batch, rate, ast.round_to, ast.rate_band)
-        selected = torch.randperm(batch, device=x.device, generator=gen)[:k]
-        scored = 0  # the random control needs no scores: unselected samples cost nothing
-    else:
-        same_res = ast.score_resolution in (0, x.shape[-1])
-        # Running BN statistics come from the full scoring batch when it runs at the training resolution
-        # (unbiased), else from the trained subset; the other forward leaves them unchanged (momentum 0).
-        with torch.no_grad(), step_fn.autocast(), bn_momentum(bn_layers, None if same_res else 0.0):
-            xs = x if same_res else F.interpolate(x, size=ast.score_resolution, mode="bilinear",
-                                                  align_corners=False)
-            outputs = model(xs)
-            loss = per_sample_loss(outputs, y, task)
-            s = significance(ast.score, outputs, y, images=x, loss=loss, task=task,
-                             features=capture.features if capture else None)
-        mask = controller.select(s, generator=gen)
-        k = int(mask.sum())  # the one host sync per step: the subset size sets the shapes below
-        k = subset_size(k, batch, ast.controller.target_rate, ast.round_to, ast.rate_band)
-        if ast.batch_policy == "sample":
-            # the controller decides how many, the scores which: drawn with keep probabilities that rise with the
-            # gradient proxy and never fall to zero (see lib/selection.py)
-            p = inclusion_probabilities(gradient_proxy(s, ast.score, task), k, ast.uniform_mix)
-            selected = systematic_sample(p, k, generator=gen)
-            if ast.weight_power > 0:
-                weights = importance_weights(p, selected, k, batch, ast.weight_power)
-        else:
-            priority = torch.where(mask, torch.full_like(s, float("inf")), s)
-            selected = priority.topk(k, sorted=False).indices
-        chosen = torch.zeros(batch, dtype=torch.bool, device=x.device)
-        chosen[selected] = True
-        controller.update(chosen)
-        scored = batch
-    counters["counts"].append(len(selected))
-    x = x[selected]  # (k, C, H, W): the gather may drop channels_last
-    if x.dim() == 4 and cfg.loop.channels_last and x.is_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y[selected], idx[selected], weights, batch, scored
-
-
-def subset_size(k, batch, target_rate, round_to, band=0.02):
-    """The number of samples to train this step: the controller's count `k`, rounded up to a multiple of a bucket
-    and kept within target_rate +- band of the batch.
-
-    Buckets keep the set of shapes small (each new shape costs cuDNN autotuning: `round_to` samples where the
-    band is wide enough, a power of two that fits it otherwise); the band keeps every step's rate within
-    +-band of the target while the controller, which counts what is finally trained, holds the mean on it.
-    """
-    target_k = target_rate * batch
-    low = max(1, math.ceil((target_rate - band) * batch - 1e-9))
-    high = min(batch, math.floor((target_rate + band) * batch + 1e-9))
-    if high < low:  # a band narrower than one sample: the nearest count
-        low = high = min(batch, max(1, round(target_k)))
-    step = max(1, min(round_to, 2 ** int(math.floor(math.log2(max(1.0, (high - low) / 2))))))
-    first, last = math.ceil(low / step) * step, (high // step) * step
-    if first > last:
-        first = last = max(low, min(high, round(target_k)))
-        step = 1
-    k = math.ceil(max(k, 1) / step) * step
-    return min(last, max(first, k))
 
 
 def training_labels(loader):
@@ -717,38 +745,6 @@ DEFAULT_COMPARE = {"full": {"ast": {"mode": "full"}}, "ast": {},
                    "random": {"ast": {"mode": "random", "match": "ast"}},
                    "budget": {"ast": {"mode": "budget", "budget_of": "ast"}},
                    "curriculum": {"ast": {"mode": "curriculum", "match": "ast"}}}
-# keys a rerun may change without invalidating a finished or checkpointed run (where it runs, how it reports)
-MAY_CHANGE = ("run.resume", "run.device", "run.out_dir", "run.keep_checkpoints", "run.checkpoint_every",
-              "data.workers", "data.prefetch", "data.root", "loop.log_every", "compare.enabled", "compare.seeds",
-              "compare.warmup_steps")
-
-
-def config_changes(saved, new, prefix=""):
-    """Keys whose value differs between two plain-data configs, as 'key: old -> new' strings."""
-    out = []
-    for key in sorted(set(saved) | set(new)):
-        full = f"{prefix}{key}"
-        old, cur = saved.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(old, dict) and isinstance(cur, dict):
-            out += config_changes(old, cur, f"{full}.")
-        elif old != cur and full not in MAY_CHANGE:
-            out.append(f"{full}: {old!r} -> {cur!r}")
-    return out
-
-
-def check_same_config(run_dir, cfg):
-    """Refuse a run folder written with another config (a finished variant to reuse, or checkpoints to resume)."""
-    saved = Path(run_dir) / "config.yaml"
-    if not saved.is_file():
-        return
-    import yaml
-    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
-    if changes:
-        raise ConfigError(f"{run_dir} holds a run made with another config ({'; '.join(changes[:6])}"
-                          f"{'; ...' if len(changes) > 6 else ''}). Use another run.name (or run.out_dir) for the new "
-                          f"config, or delete {run_dir} to train it again")
-
-
 def warm_up(cfg, overrides, info, root):
     """Train a throwaway copy of the first variant for compare.warmup_steps steps, so that one-time costs (CUDA
     and cuDNN start-up, autotuning the batch shapes) are charged to no variant's train_seconds."""
@@ -783,7 +779,7 @@ def run_compare(cfg, info):
             run_dir = folder / name
             done_file = run_dir / "result.json"
             if done_file.is_file() and vcfg.run.resume != "none":
-                check_same_config(run_dir, vcfg)
+                refuse_other_config(run_dir, vcfg, MAY_CHANGE)
                 results[seed][name] = json.loads(done_file.read_text())  # finished before a preemption: keep it
                 say(f"[{name}] already finished, reusing {done_file}")
             else:
@@ -814,17 +810,5 @@ def main(cfg):
         dist.cleanup()
 
 
-# errors whose message says what to fix (bad config, missing data or checkpoint, full disk, diverged loss)
-USER_ERRORS = (ConfigError, FileNotFoundError, checkpoint.CheckpointError, StorageError, NonFiniteLossError)
-
-
-if __name__ == "__main__":
-    argv = ["--compare.enabled=true" if a == "--compare" else a for a in sys.argv[1:]]
-    try:
-        config = parse(Config(), argv)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    try:
-        main(config)
-    except USER_ERRORS as err:  # what the user must fix: one clear line, no traceback
-        sys.exit(f"error: {err}")
+if __name__ == "__main__":  # --help, config errors and user errors as one line (lib/run.py)
+    run_script(main, Config(), __doc__, aliases={"--compare": "--compare.enabled=true"})

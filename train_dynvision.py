@@ -21,23 +21,25 @@ Progressive resolution: data.resize_schedule, e.g. {0: 112, 10: 168, 20: 224} (p
 import contextlib
 import csv
 import dataclasses
-import sys
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from lib import checkpoint, dist
-from lib.config import ConfigError, parse, to_dict, write_run_info
+from lib.config import ConfigError, to_dict
 from lib.data import DataConfig, build_data
-from lib.dynvision import (AREAS, DyRCNN, LossConfig, MemoryConfig, ModelConfig, accuracy_per_step, check_schedule,
-                           count_params, stream_backward, strategy_forward, timestep_loss)
-from lib.loop import (LoopConfig, MetricsLog, NonFiniteLossError, OptimConfig, Throughput, TrainStep,
-                      build_optimizer, check_micro_batch, per_rank_batch, prepare_model)
+from lib.dynvision import (AREAS, DyRCNN, LossConfig, MemoryConfig, ModelConfig, check_schedule, count_params,
+                           stream_backward, strategy_forward, timestep_loss)
+from lib.loop import (LoopConfig, OptimConfig, Throughput, TrainStep, build_optimizer, check_micro_batch,
+                      per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
-from lib.storage import StorageError, format_report, run_report
+from lib.run import MAY_CHANGE as RUN_MAY_CHANGE
+from lib.run import Run, run_script
+
+# keys a resumed run may change (they change how the run is carried out, not what it computes)
+MAY_CHANGE = RUN_MAY_CHANGE + ("run.eval_every", "loop.compile", "loop.compile_mode", "loop.memory_budget_gb",
+                               "data.resident_max_gb")
 
 
 # ----------------------------------------------------------------------------- config
@@ -143,23 +145,20 @@ def auto_micro_batch(model, cfg, example, per_rank, react, measure_peak=None, re
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, loader, autocast, total_steps_unrolled, max_batches=0):
-    """Accuracy at every unrolled step (T,), summed over ranks."""
+    """Accuracy at every unrolled step (T,) over the distinct test samples of all ranks (padding counted once)."""
     model.eval()
     loader.set_epoch(0)
     device = next(model.parameters()).device
-    correct = torch.zeros(total_steps_unrolled, device=device)
-    count = torch.zeros((), device=device)
-    for i, (x, y, _) in enumerate(loader):
+    hits = dist.UniqueSampleSum(loader.num_samples, (total_steps_unrolled,), device)
+    for i, (x, y, index) in enumerate(loader):
         if max_batches and i >= max_batches:
             break
         with autocast():
             logits = model(x)                               # (B, T, classes)
-        correct += accuracy_per_step(logits, y)
-        count += len(y)
-    dist.all_reduce_sum(correct)
-    dist.all_reduce_sum(count)
+        hits.add(index, logits.argmax(-1) == y[:, None])    # (B, T) correct at each step
+    correct, count = hits.total()
     model.train()
-    return (correct / count.clamp_min(1)).tolist()
+    return (correct / max(count, 1)).tolist()
 
 
 def write_accuracy(run_dir, epoch, acc, model_cfg, react):
@@ -193,17 +192,24 @@ def write_accuracy(run_dir, epoch, acc, model_cfg, react):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- main
-def main(cfg):
-    """Train and evaluate one DyRCNN run; returns the summary written to result.json."""
-    info = dist.setup(cfg.run.seed, cfg.run.device)
-    device = info.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # a handful of fixed conv shapes: autotune once
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if dist.is_main():
-        write_run_info(run_dir, cfg, device)
+# ----------------------------------------------------------------------------- build
+@dataclass
+class Parts:
+    """What `build` makes: the data, the model (DDP-wrapped under torchrun) and its training step."""
+    data: object
+    model: torch.nn.Module
+    raw_model: torch.nn.Module                  # unwrapped: what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    step_fn: TrainStep
+    model_cfg: ModelConfig                      # num_classes / in_channels filled in from the data
+    total_steps: int                            # optimizer steps of the whole run
+    total_unrolled: int                         # timesteps of one forward (stimulus + residual)
+    react: int                                  # first step the loss counts (the reaction time)
 
+
+def build(cfg, info):
+    """Data, model, optimizer and training step for this rank; prints what was built."""
+    device = info.device
     per_rank = per_rank_batch(cfg.loop.global_batch, info.world_size)
     data = build_data(cfg.data, device, batch_size=per_rank, seed=cfg.run.seed, rank=info.rank,
                       world_size=info.world_size)
@@ -232,117 +238,119 @@ def main(cfg):
         micro, _ = auto_micro_batch(model, cfg, (x, y), per_rank, react)
     else:
         micro = None
-    stream = "stream" in cfg.memory.parts()
     common = dict(micro_batch=micro, log=say)
-    if stream:
+    if "stream" in cfg.memory.parts():
         step_fn = StreamStep(model, optimizer, cfg.loop, cfg.optim, total_steps, device, memory_cfg=cfg.memory,
                              react=react, label_smoothing=cfg.loss.label_smoothing, **common)
     else:
         step_fn = TrainStep(model, optimizer, cfg.loop, cfg.optim, total_steps, device, **common)
-
-    def forward_loss(model_, images, labels):  # runs under the loop's autocast
-        logits = strategy_forward(model_, images, cfg.memory)          # (B, T, classes)
-        return timestep_loss(logits, labels, react, cfg.loss.mode, cfg.loss.label_smoothing)
-
     say(f"[dynvision] {model_cfg.preset} params={count_params(raw_model):,} steps unrolled={total_unrolled} "
         f"(stimulus {model_cfg.n_timesteps} + residual {model_cfg.residual()}), reaction step {react}, "
         f"memory={cfg.memory.strategy}, train={data.num_train} optimizer steps={total_steps}, global batch="
         f"{cfg.loop.global_batch}, per rank={per_rank}, micro={micro or per_rank}, ranks={info.world_size}, "
         f"precision={step_fn.dtype or 'fp32'}, device={device}")
+    return Parts(data, model, raw_model, optimizer, step_fn, model_cfg, total_steps, total_unrolled, react)
+
+
+# ----------------------------------------------------------------------------- train
+def train(cfg, run, parts):
+    """Resume, the epoch loop (the step, logging, checkpoints, evaluation), the summary; returns the result."""
+    data, model, step_fn, react = parts.data, parts.model, parts.step_fn, parts.react
+    device, world = run.info.device, run.info.world_size
+
+    def forward_loss(model_, images, labels):  # runs under the loop's autocast
+        logits = strategy_forward(model_, images, cfg.memory)          # (B, T, classes)
+        return timestep_loss(logits, labels, react, cfg.loss.mode, cfg.loss.label_smoothing)
 
     # ---- resume
     counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0}
-    ckpt_dir = run_dir / "checkpoints"
-    resume_path = checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
-    if resume_path is not None:
-        state = checkpoint.load(resume_path, map_location=device)
-        checkpoint.restore_training(state, model, optimizer, step_fn, counters, info.rank, cfg.run.seed)
-        say(f"[dynvision] resumed from {resume_path} at step {counters['step']}")
+    state = run.resume(map_location=device)
+    if state is not None:
+        checkpoint.restore_training(state, model, parts.optimizer, step_fn, counters, run.info.rank, cfg.run.seed)
 
-    def save_checkpoint():
-        if dist.is_main():
-            checkpoint.save(ckpt_dir, counters["step"], checkpoint.training_state(
-                model, optimizer, step_fn, counters, to_dict(cfg)), keep=cfg.run.keep_checkpoints)
+    def snapshot():  # what a checkpoint holds
+        return checkpoint.training_state(model, parts.optimizer, step_fn, counters, to_dict(cfg))
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
+    # ---- the epoch loop
+    total_steps = parts.total_steps
     throughput = Throughput(device)
     window_loss, window_steps = torch.zeros((), device=device), 0
     last_acc = None
     done = counters["step"] >= total_steps
-    with checkpoint.PreemptionHandler() as preempt:
-        for epoch in range(counters["epoch"], cfg.run.epochs):
-            if done:
+    for epoch in range(counters["epoch"], cfg.run.epochs):
+        if done:
+            break
+        data.train.set_epoch(epoch, start_batch=counters["batch_in_epoch"])  # also sets the resolution
+        model.train()
+        t0 = time.perf_counter()
+        for x, y, _ in data.train:
+            out = step_fn(x, y, forward_loss)
+            counters["step"] += 1
+            counters["batch_in_epoch"] += 1
+            window_loss += out.loss
+            window_steps += 1
+            throughput.add(out.samples)
+            step = counters["step"]
+            if step % cfg.loop.log_every == 0 or step == total_steps:
+                rate, peak = throughput.read()
+                loss = (window_loss / window_steps).item()
+                run.metrics.write(kind="train", step=step, epoch=epoch, loss=loss, lr=out.lr,
+                                  samples_per_s=rate * world, peak_gb=peak, resolution=data.train.resolution)
+                say(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {out.lr:.3g} "
+                    f"{rate * world:.1f} samples/s peak {peak:.2f} GB res {data.train.resolution}px")
+                window_loss, window_steps = torch.zeros((), device=device), 0
+            if step >= total_steps:
+                done = True
                 break
-            data.train.set_epoch(epoch, start_batch=counters["batch_in_epoch"])  # also sets the resolution
-            model.train()
-            t0 = time.perf_counter()
-            for x, y, _ in data.train:
-                out = step_fn(x, y, forward_loss)
-                counters["step"] += 1
-                counters["batch_in_epoch"] += 1
-                window_loss += out.loss
-                window_steps += 1
-                throughput.add(out.samples)
-                step = counters["step"]
-                if step % cfg.loop.log_every == 0 or step == total_steps:
-                    rate, peak = throughput.read()
-                    loss = (window_loss / window_steps).item()
-                    metrics.write(kind="train", step=step, epoch=epoch, loss=loss, lr=out.lr,
-                                  samples_per_s=rate * info.world_size, peak_gb=peak,
-                                  resolution=data.train.resolution)
-                    say(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {out.lr:.3g} "
-                        f"{rate * info.world_size:.1f} samples/s peak {peak:.2f} GB res {data.train.resolution}px")
-                    window_loss, window_steps = torch.zeros((), device=device), 0
-                if step >= total_steps:
-                    done = True
-                    break
-                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
-                    save_checkpoint()
-                if preempt.stop_now(step, cfg.loop.log_every, device):
-                    break
-            else:
-                counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
-            counters["train_seconds"] += time.perf_counter() - t0
-            if done and counters["batch_in_epoch"]:
-                counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
-            if (preempt.sync_requested(device) if info.distributed else preempt.requested) and not done:
-                save_checkpoint()
-                say("[dynvision] preempted: checkpoint written, exiting")
-                metrics.close()
-                dist.cleanup()
-                return None
-            if (epoch + 1) % cfg.run.eval_every == 0 or done or epoch + 1 == cfg.run.epochs:
-                last_acc = evaluate(model, data.test, step_fn.autocast, total_unrolled, cfg.run.eval_batches)
-                if dist.is_main():
-                    write_accuracy(run_dir, epoch, last_acc, model_cfg, react)
-                    final = sum(last_acc[react:]) / max(1, len(last_acc) - react)
-                    metrics.write(kind="eval", epoch=epoch, step=counters["step"], accuracy_per_step=last_acc,
-                                  mean_accuracy_after_reaction=final)
-                    say(f"[eval] epoch {epoch}: accuracy at the last step {100 * last_acc[-1]:.2f}%, mean over "
-                        f"steps >= {react}: {100 * final:.2f}%")
-            save_checkpoint()
+            run.save_if_due(step, snapshot)
+            if run.should_stop(step):
+                break
+        else:
+            counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
+        counters["train_seconds"] += time.perf_counter() - t0
+        if done and counters["batch_in_epoch"]:
+            counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
+        if run.should_stop() and not done:  # every rank agrees here (a collective under torchrun)
+            run.preempted(counters["step"], snapshot)  # checkpoint, then exit 0
+        if (epoch + 1) % cfg.run.eval_every == 0 or done or epoch + 1 == cfg.run.epochs:
+            last_acc = evaluate_and_log(cfg, run, parts, epoch, counters["step"])
+        run.save(counters["step"], snapshot)
+
+    # ---- summary (a rerun of a finished run trained nothing: its result.json is kept, not replaced)
+    if last_acc is None and run.previous_result() is None:
+        last_acc = evaluate(model, data.test, step_fn.autocast, parts.total_unrolled, cfg.run.eval_batches)
     summary = {"steps": counters["step"], "train_seconds": round(counters["train_seconds"], 2),
                "accuracy_per_step": last_acc, "final_accuracy": last_acc[-1] if last_acc else None,
-               "params": count_params(raw_model), "memory_strategy": cfg.memory.strategy,
-               "areas": AREAS, "reaction_step": react, "unrolled_steps": total_unrolled}
+               "params": count_params(parts.raw_model), "memory_strategy": cfg.memory.strategy,
+               "areas": AREAS, "reaction_step": react, "unrolled_steps": parts.total_unrolled}
+    return run.finish(summary, did_work=counters["step"] > run.start_step)
+
+
+def evaluate_and_log(cfg, run, parts, epoch, step):
+    """Accuracy per timestep on the test set: accuracy_per_step.csv/.png, metrics.jsonl, one printed line."""
+    acc = evaluate(parts.model, parts.data.test, parts.step_fn.autocast, parts.total_unrolled, cfg.run.eval_batches)
     if dist.is_main():
-        (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
-        print(format_report(run_report(run_dir)))
-    metrics.close()
-    dist.cleanup()
-    return summary
+        write_accuracy(run.dir, epoch, acc, parts.model_cfg, parts.react)
+        final = sum(acc[parts.react:]) / max(1, len(acc) - parts.react)
+        run.metrics.write(kind="eval", epoch=epoch, step=step, accuracy_per_step=acc,
+                          mean_accuracy_after_reaction=final)
+        say(f"[eval] epoch {epoch}: accuracy at the last step {100 * acc[-1]:.2f}%, mean over "
+            f"steps >= {parts.react}: {100 * final:.2f}%")
+    return acc
 
 
-# errors whose message says what to fix (bad config, missing data or checkpoint, full disk, diverged loss)
-USER_ERRORS = (ConfigError, FileNotFoundError, checkpoint.CheckpointError, StorageError, NonFiniteLossError)
+# ----------------------------------------------------------------------------- main
+def main(cfg):
+    """Train and evaluate one DyRCNN run; returns the summary written to result.json (Preempted: exit 0)."""
+    info = dist.setup(cfg.run.seed, cfg.run.device)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a handful of fixed conv shapes: autotune once
+    try:
+        with Run(cfg, info, may_change=MAY_CHANGE, log=say) as run:
+            return train(cfg, run, build(cfg, info))
+    finally:
+        dist.cleanup()
 
 
 if __name__ == "__main__":
-    try:
-        config = parse(Config())
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    try:
-        main(config)
-    except USER_ERRORS as err:  # what the user must fix: one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run_script(main, Config(), __doc__)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_ast  # noqa: E402
-from lib import data as data_lib, dist  # noqa: E402
+from lib import dist  # noqa: E402
 from lib.config import merge  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def base_config(args, out_dir):
         "data": {"name": "synthetic", "image_size": args.size, "num_classes": 1000, "loader": "resident",
                  "train_samples": args.samples, "test_samples": args.batch, "augment": True,
                  "resident_max_gb": 40.0},
-        "model": {"name": args.model},
+        "model": {"name": args.model, **({"width": 8} if args.smoke else {})},
         "optim": {"lr": 0.05, "warmup_steps": 20, "weight_decay": 5e-5},
         "loop": {"precision": "bf16" if not args.smoke else "fp32", "global_batch": args.batch,
                  "log_every": 20, "channels_last": True},
@@ -72,12 +72,10 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.model, args.size, args.batch, args.score_batch, args.samples = "small_cnn", 32, 32, 64, 512
+        args.model, args.size, args.batch, args.score_batch, args.samples = "small_cnn", 16, 8, 16, 128
     torch.backends.cudnn.benchmark = True
-    # every variant trains on the same synthetic set: generate it once (its generator is seeded by the config)
-    made = {}
-    synthetic = data_lib._synthetic
-    data_lib._synthetic = lambda c: made.setdefault((c.image_size, c.num_classes, c.train_samples), synthetic(c))
+    # every variant trains on the same synthetic set: a function of the config's data section, made by each variant
+    # before its timed epochs (so it is not in train_seconds)
     out_dir = Path(tempfile.mkdtemp(prefix="ast_speed_"))
     cfg = base_config(args, out_dir)
     info = dist.setup(0, "cpu" if args.smoke else "auto")
@@ -87,6 +85,7 @@ def main():
         overrides = {"ast": dict(ast_overrides), "run": {"name": name, "epochs": epochs}}
         if ast_overrides["mode"] == "batch":
             overrides["ast"]["score_batch"] = args.score_batch
+            overrides["ast"]["round_to"] = 8 if args.smoke else 32
         if overrides["ast"].get("score_resolution") == -2:
             overrides["ast"]["score_resolution"] = args.size // 2  # cheap scoring: half the resolution
         vcfg = merge(cfg, overrides)

@@ -13,7 +13,7 @@
 
     python bench/data_pipeline.py                         # GPU machine: 100 classes x 100 JPEGs, batch 256
     python bench/data_pipeline.py --compile=true          # + compiled model
-    python bench/data_pipeline.py --smoke=true            # CPU, about a minute: every part runs, numbers mean nothing
+    python bench/data_pipeline.py --smoke=true            # CPU, seconds: every part runs, numbers mean nothing
 
 The synthetic ImageFolder (ImageNet-like sizes, ~110 KB JPEGs, a few grayscale/CMYK/progressive/PNG files) is
 written first with tools/make_imagefolder.py into `root`. It is read from the page cache, as a warm ImageNet
@@ -324,8 +324,9 @@ def profile_streams(step, batches, device, steps=8):
 def main(cfg):
     if cfg.smoke:
         cfg.classes, cfg.train_per_class, cfg.awkward_per_kind = 4, 12, 1
-        cfg.batch_size, cfg.image_size, cfg.warmup_steps, cfg.steps, cfg.pipeline_batches = 8, 64, 1, 2, 3
+        cfg.batch_size, cfg.image_size, cfg.warmup_steps, cfg.steps, cfg.pipeline_batches = 8, 32, 1, 2, 3
         cfg.workers, cfg.jpeg_workers = cfg.workers or 2, [2]
+        cfg.cpu_decode_fractions = [0.0, 0.5]  # both paths: decode in the main process, and a share in workers
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.smoke else "cpu")
     if device.type != "cuda" and not cfg.smoke:
         raise SystemExit("no CUDA GPU here: run with --smoke=true for a CPU check, or on the GPU machine")
@@ -371,7 +372,11 @@ def main(cfg):
 
     import torchvision
     num_classes = cfg.classes
-    model = torchvision.models.resnet50(num_classes=num_classes).to(device)
+    if cfg.smoke:  # a tiny CNN: the smoke run checks that every part runs, its numbers mean nothing
+        from lib.models import SmallCNN
+        model = SmallCNN(3, num_classes, width=8).to(device)
+    else:
+        model = torchvision.models.resnet50(num_classes=num_classes).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-5)
     step = train_step_fn(model, optimizer, device)

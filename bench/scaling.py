@@ -46,7 +46,7 @@ def worker(args):
         "data": {"name": "synthetic", "image_size": args.size, "num_classes": 1000, "loader": "resident",
                  "train_samples": args.samples_per_gpu * world, "test_samples": 64 * world,
                  "resident_max_gb": 40.0},
-        "model": {"name": args.model},
+        "model": {"name": args.model, **({"width": 8} if args.smoke else {})},
         "optim": {"lr": 0.05, "warmup_steps": 20, "weight_decay": 5e-5},
         "loop": {"precision": "fp32" if args.smoke else "bf16", "global_batch": args.batch * world,
                  "log_every": 20},
@@ -101,8 +101,8 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.model, args.size, args.batch, args.score_batch, args.samples_per_gpu = "small_cnn", 16, 16, 32, 256
-        args.encode_samples_per_gpu = 512
+        args.model, args.size, args.batch, args.score_batch, args.samples_per_gpu = "small_cnn", 16, 16, 32, 128
+        args.encode_samples_per_gpu = 128
     if args.worker:
         return encode_worker(args) if args.mode == "encode" else worker(args)
     available = 2 if args.smoke else torch.cuda.device_count()

@@ -1,28 +1,20 @@
-"""Checkpoints: atomic step-N saves with a completion marker, keep-newest-k, auto-resume, preemption.
+"""Checkpoints: atomic step-N saves with a completion marker, keep-newest-k, verified resume, preemption flag.
 
 Layout: `ckpt_dir/step-000123/state.pt` plus `ckpt_dir/step-000123/COMPLETE`. The state file is
 written to a temp file, fsynced, os.replace'd and the folder fsynced; the COMPLETE marker (JSON with
 the file's size and sha256) is written the same way, last. A folder without COMPLETE does not exist
-as far as `latest` is concerned, and one whose file no longer matches its marker is skipped too.
+(killed saves are removed by `remove_partial` and by the next save), one whose file no longer matches its
+marker is skipped with a warning and never counted or pruned, and if every checkpoint is corrupt,
+resume: auto is a CheckpointError rather than a silent restart. When the disk is short, the checkpoints a
+save would prune are pruned before it writes; a full disk (also inside torch's zip writer) is a StorageError.
 
 The saved dict holds only tensors, dicts, lists, tuples, str, int, float, bool and None so that it
 loads with torch.load(weights_only=True): the model is saved unwrapped (no `module.`/`_orig_mod.`),
 RNG states are converted to lists/tensors, and the config must be plain data (lib.config.to_dict).
 
-Typical use in a train script (rank 0 saves; every rank loads):
-
-    path = checkpoint.resolve_resume(cfg.resume, ckpt_dir)
-    if path is not None:
-        state = checkpoint.load(path)
-        checkpoint.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"]); scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng(state["rng"]); step = state["step"]
-    with checkpoint.PreemptionHandler() as preempt:
-        while step < total_steps:
-            ...one step...
-            if preempt.requested or step % save_every == 0:   # sync_requested() under torchrun
-                if is_main(): checkpoint.save(ckpt_dir, step, {"model": checkpoint.model_state(model), ...})
-                if preempt.requested: break                     # then exit 0
+Scripts use this through lib/run.py (Run.resume, Run.save, Run.should_stop); training_state and
+restore_training are what a training script saves and loads. One purpose (checkpoint files and the
+preemption flag that triggers the last one), hence a little over 500 lines.
 """
 import collections
 import errno
@@ -42,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lib.storage import StorageError, atomic_write_json, check_free_space, format_bytes, free_bytes, fsync_dir
+from lib.storage import StorageError, atomic_write_json, disk_full_error, format_bytes, free_bytes, fsync_dir
 
 STATE_FILE = "state.pt"
 MARKER_FILE = "COMPLETE"
@@ -211,19 +203,99 @@ def _delete_checkpoint(path: Path):
     # marker first: a crash halfway through the rmtree leaves a partial checkpoint, never a broken "complete" one
     (path / MARKER_FILE).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
+    _verified.pop(path, None)
 
 
-def _is_disk_full(exc: BaseException, ckpt_dir: Path, need: int) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+# step folders whose state file matched its marker: {folder: (size, mtime_ns, sha256)}. A folder written by this
+# process is verified by construction (hashed on its way to disk), so keep-k does not re-read what it wrote;
+# resuming (`latest`) always hashes.
+_verified = {}
+_warned = set()  # corrupt folders already reported by save
+
+
+def _fingerprint(step_dir: Path):
+    try:
+        st = (step_dir / STATE_FILE).stat()
+        return st.st_size, st.st_mtime_ns, json.loads((step_dir / MARKER_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_verified(step_dir: Path) -> bool:
+    """True if step_dir is a complete checkpoint whose file matches its marker (hashed once per process)."""
+    found = _fingerprint(step_dir)
+    if found is not None and _verified.get(step_dir) == found:
         return True
-    # torch's zip writer turns a failed write into RuntimeError("... file write failed"); confirm by free space
-    return isinstance(exc, RuntimeError) and "write" in str(exc).lower() and free_bytes(ckpt_dir) < need
+    if _check_complete(step_dir) is not None:
+        return False
+    _verified[step_dir] = _fingerprint(step_dir)
+    return True
+
+
+def remove_partial(ckpt_dir) -> list[Path]:
+    """Delete what killed saves left behind: step folders without a marker and temp files; returns the folders.
+
+    Folders with a marker that does not match are kept (they may be inspected) and never count as complete.
+    """
+    removed = []
+    for _, step_dir in _step_dirs(Path(ckpt_dir)):
+        if not (step_dir / MARKER_FILE).exists():
+            _delete_checkpoint(step_dir)
+            removed.append(step_dir)
+        else:
+            for tmp in step_dir.glob(f".{STATE_FILE}.tmp.*"):
+                tmp.unlink(missing_ok=True)
+    if removed:
+        fsync_dir(ckpt_dir)
+    return removed
+
+
+def _make_room(ckpt_dir: Path, step_dir: Path, need: int, keep: int, step: int):
+    """Before writing: if the disk is short, delete now the verified checkpoints this save prunes anyway.
+
+    The newest verified checkpoint always survives until the new one is complete; if that is not enough room,
+    StorageError says how much is missing and whether a lower keep would do.
+    """
+    free = free_bytes(ckpt_dir)
+    if free >= need:
+        return
+    complete = [p for _, p in _step_dirs(ckpt_dir) if p != step_dir and _is_verified(p)]   # newest first
+    freed = lambda k: sum(_folder_bytes(p) for p in complete[max(k - 1, 1):])  # noqa: E731
+    if free + freed(keep) >= need:
+        for old in complete[max(keep - 1, 1):]:
+            _delete_checkpoint(old)
+        fsync_dir(ckpt_dir)
+        return
+    fits = [k for k in range(keep - 1, 0, -1) if free + freed(k) >= need]
+    advice = (f"lower run.keep_checkpoints to {fits[0]} (that prunes enough before writing)" if fits else
+              "delete old runs or set the checkpoint folder to a larger disk (keeping fewer checkpoints would not "
+              "free enough)")
+    raise StorageError(errno.ENOSPC,
+                       f"not enough disk space for checkpoint step {step}: need {format_bytes(need)}, "
+                       f"only {format_bytes(free)} free under {ckpt_dir}, and pruning to keep={keep} frees only "
+                       f"{format_bytes(freed(keep))}; {advice}. Older checkpoints are intact")
+
+
+def _raise_if_disk_full(exc: BaseException, what: str, need: int, free_before: int):
+    """Turn a failed write whose cause is a full disk (also inside torch's RuntimeError) into a StorageError."""
+    if disk_full_error(exc) is None:
+        return
+    raise StorageError(errno.ENOSPC, f"disk full while writing {what} (needs about {format_bytes(need)}, "
+                                     f"{format_bytes(free_before)} were free); the partial file was removed and "
+                                     f"older checkpoints are intact. Free space, lower run.keep_checkpoints, or "
+                                     f"use a larger disk") from exc
 
 
 def save(ckpt_dir, step: int, state: dict, keep: int = 3) -> Path:
-    """Write `state` as ckpt_dir/step-N atomically (marker last), then keep the newest `keep`; rank 0 only.
+    """Write `state` as ckpt_dir/step-N atomically (marker last), keeping the newest `keep` verified ones; rank 0.
 
-    Adds state["rng"] (python, numpy, torch, CUDA) unless present. Returns the step folder.
+    Adds state["rng"] (python, numpy, torch, CUDA) unless present. When the disk is short, the checkpoints that
+    would be pruned after the write are pruned before it. Only checkpoints whose file matched their marker are
+    counted or pruned; folders without a marker (killed saves) older than `step` are removed. Returns the folder.
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
@@ -242,9 +314,9 @@ def save(ckpt_dir, step: int, state: dict, keep: int = 3) -> Path:
         warnings.warn(f"saving step {step} into {ckpt_dir}, which already holds newer checkpoints {newer} "
                       f"(from another run?); resume: auto will pick those. Use a fresh checkpoint folder.")
     need = _tensor_bytes(state) + (1 << 20)  # tensor payload + 1 MiB for pickle/zip overhead
-    check_free_space(ckpt_dir, need, f"checkpoint step {step}",
-                     hint="delete old runs, lower checkpoint keep, or set the checkpoint folder to a larger disk")
-    step_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _make_room(ckpt_dir, step_dir, need, keep, step)
+    step_dir.mkdir(exist_ok=True)
     fsync_dir(ckpt_dir)
     if (step_dir / MARKER_FILE).exists():  # re-saving a step: it stops counting as complete until rewritten
         (step_dir / MARKER_FILE).unlink()
@@ -252,6 +324,7 @@ def save(ckpt_dir, step: int, state: dict, keep: int = 3) -> Path:
 
     final = step_dir / STATE_FILE
     tmp = step_dir / f".{STATE_FILE}.tmp.{os.getpid()}"
+    free_before = free_bytes(ckpt_dir)
     try:
         with open(tmp, "wb") as f:
             writer = _HashingWriter(f)
@@ -259,27 +332,32 @@ def save(ckpt_dir, step: int, state: dict, keep: int = 3) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        fsync_dir(step_dir)
+        atomic_write_json(step_dir / MARKER_FILE, {
+            "step": step, "file": STATE_FILE, "bytes": writer.bytes, "sha256": writer.sha256.hexdigest(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__})
     except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if not (step_dir / MARKER_FILE).exists() and final.exists() and isinstance(e, Exception):
+            final.unlink()  # written but never marked: it does not exist, and it holds disk space
         if not any(step_dir.iterdir()):
             step_dir.rmdir()  # leave no empty partial folder behind
-        if isinstance(e, Exception) and _is_disk_full(e, ckpt_dir, need):
-            raise StorageError(
-                errno.ENOSPC,
-                f"disk full while writing checkpoint step {step} to {step_dir} (needs about {format_bytes(need)}, "
-                f"{format_bytes(free_bytes(ckpt_dir))} free now); the partial file was removed and older "
-                f"checkpoints are intact. Free space, lower checkpoint keep, or use a larger disk") from e
+        if isinstance(e, Exception):
+            _raise_if_disk_full(e, f"checkpoint step {step} to {step_dir}", need, free_before)
         raise
-    fsync_dir(step_dir)
-    atomic_write_json(step_dir / MARKER_FILE, {
-        "step": step, "file": STATE_FILE, "bytes": writer.bytes, "sha256": writer.sha256.hexdigest(),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__})
+    _verified[step_dir] = _fingerprint(step_dir)
 
-    # prune only after the new checkpoint is complete; never delete the one just written
-    complete = [(s, p) for s, p in _step_dirs(ckpt_dir) if (p / MARKER_FILE).exists() and p != step_dir]
-    for _, old in complete[keep - 1:]:
+    # prune after the new checkpoint is complete: the newest `keep` verified ones stay, the new one among them
+    complete = [p for _, p in _step_dirs(ckpt_dir) if p != step_dir and _is_verified(p)]
+    corrupt = [p for _, p in _step_dirs(ckpt_dir) if (p / MARKER_FILE).exists() and p != step_dir
+               and p not in complete and p not in _warned]
+    if corrupt:
+        _warned.update(corrupt)
+        warnings.warn(f"checkpoint(s) {[p.name for p in corrupt]} in {ckpt_dir} do not match their marker: left on "
+                      f"disk for you to inspect or delete, never counted among the {keep} kept")
+    for old in complete[keep - 1:]:
         _delete_checkpoint(old)
-    for s, partial in _step_dirs(ckpt_dir):  # leftovers of interrupted older saves
+    for s, partial in _step_dirs(ckpt_dir):  # leftovers of interrupted older saves (no marker: never complete)
         if s < step and not (partial / MARKER_FILE).exists():
             _delete_checkpoint(partial)
     fsync_dir(ckpt_dir)
@@ -328,6 +406,7 @@ def latest(ckpt_dir) -> Path | None:
     for _, step_dir in _step_dirs(Path(ckpt_dir)):
         reason = _check_complete(step_dir)
         if reason is None:
+            _verified[step_dir] = _fingerprint(step_dir)  # the first save's keep-k will not hash it again
             return step_dir
         warnings.warn(f"skipping checkpoint {step_dir}: {reason}")
     return None
@@ -360,11 +439,18 @@ def load(path, map_location="cpu") -> dict:
 
 
 def resolve_resume(resume: str, ckpt_dir) -> Path | None:
-    """'' or 'none' -> None; 'auto' -> latest(ckpt_dir) (None if none yet); else a path that must exist."""
+    """'' or 'none' -> None; 'auto' -> latest(ckpt_dir) (None if none yet; CheckpointError if every one is
+    corrupt); else a path that must exist."""
     if resume is None or resume.strip().lower() in ("", "none"):
         return None
     if resume.strip().lower() == "auto":
-        return latest(ckpt_dir)
+        path = latest(ckpt_dir)
+        claimed = [p.name for _, p in _step_dirs(Path(ckpt_dir)) if (p / MARKER_FILE).exists()]
+        if path is None and claimed:  # never a silent restart from step 0 over a run that has checkpoints
+            raise CheckpointError(f"every checkpoint in {ckpt_dir} is corrupt ({', '.join(claimed[:5])}: the state "
+                                  f"file does not match its marker); nothing to resume from. Restore them from a "
+                                  f"backup, or move them away to start again from step 0")
+        return path
     path = Path(resume).expanduser()
     if not path.exists():
         raise CheckpointError(f"resume path {path} does not exist; pass an existing step folder or state file, "

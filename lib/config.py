@@ -75,8 +75,23 @@ def _coerce(value, tp, key):
         f"config key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def merge(cfg, updates, prefix=""):
-    """Return a copy of dataclass `cfg` with the nested dict `updates` applied, checking keys and types."""
+def validate(cfg):
+    """Run every `validate()` of the config tree, sections before the config that holds them."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def merge(cfg, updates, prefix="", check=True):
+    """Return a copy of dataclass `cfg` with the nested dict `updates` applied, checking keys and types.
+
+    The result is validated once, as a whole (check=False skips that: `parse` merges several sources and
+    validates the final config only, so values that are valid together never fail one source at a time).
+    """
     if not isinstance(updates, dict):
         raise ConfigError(f"config section '{prefix or '<top>'}' must be a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(cfg))
@@ -89,13 +104,11 @@ def merge(cfg, updates, prefix=""):
             raise ConfigError(f"unknown config key '{full}'{_suggest(full, valid)}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
-            changes[key] = merge(current, value, prefix=f"{full}.")
+            changes[key] = merge(current, value, prefix=f"{full}.", check=False)
         else:
             changes[key] = _coerce(value, hints[key], full)
     out = dataclasses.replace(cfg, **changes)
-    if hasattr(out, "validate"):
-        out.validate()
-    return out
+    return validate(out) if check else out
 
 
 def _nest(dotted, value):
@@ -175,8 +188,8 @@ def parse(defaults, argv=None):
             i += 1
     cfg = defaults
     for f in files:
-        cfg = merge(cfg, load_yaml(f))
-    return merge(cfg, parse_overrides(rest))
+        cfg = merge(cfg, load_yaml(f), check=False)
+    return merge(cfg, parse_overrides(rest))  # validated once, after every source is in
 
 
 def to_dict(cfg):

@@ -95,6 +95,32 @@ def all_reduce_mean(tensor):
     return tensor
 
 
+class UniqueSampleSum:
+    """Per-sample results summed over distinct sample indices across ranks: padded duplicates count once.
+
+    Test shards wrap around to give every rank the same number of batches (shard_positions(pad=True)), so a plain
+    sum over ranks counts a few samples twice. Each rank adds (index, value) pairs into a buffer of the split's
+    size; `total()` all-reduces it (a collective) and averages a sample seen more than once, so N ranks report
+    what one process would. Memory: num_samples x the value's size, on the values' device.
+    """
+
+    def __init__(self, num_samples, shape=(), device="cpu"):
+        self.sums = torch.zeros(num_samples, *shape, device=device, dtype=torch.float64)
+        self.counts = torch.zeros(num_samples, device=device, dtype=torch.float64)
+
+    def add(self, index, values):
+        """index (B,) dataset indices of the split; values (B, *shape) this rank's results for them."""
+        index = index.to(self.sums.device)
+        self.sums.index_add_(0, index, values.to(self.sums))
+        self.counts.index_add_(0, index, torch.ones_like(index, dtype=self.counts.dtype))
+
+    def total(self):
+        """(sum over distinct samples (*shape) float64, number of distinct samples); every rank gets the same."""
+        all_reduce_sum(self.sums)
+        all_reduce_sum(self.counts)
+        seen = self.counts > 0
+        per_sample = self.sums[seen] / self.counts[seen].view(-1, *[1] * (self.sums.dim() - 1))
+        return per_sample.sum(0), int(seen.sum())
 
 
 def shard_positions(n, rank, world_size, pad):

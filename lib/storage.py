@@ -107,6 +107,20 @@ def free_bytes(path) -> int:
     return shutil.disk_usage(_existing_ancestor(Path(path))).free
 
 
+def disk_full_error(exc: BaseException) -> OSError | None:
+    """The OSError ENOSPC/EDQUOT behind `exc` (itself, or in its __cause__/__context__ chain), else None.
+
+    torch's zip writer, for one, reports a failed write as a RuntimeError whose __context__ is the ENOSPC.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def check_free_space(path, need_bytes: int, what: str, hint: str = ""):
     """Raise StorageError before writing `need_bytes` of `what` under `path` if the disk cannot hold it."""
     where = _existing_ancestor(Path(path))

@@ -297,3 +297,80 @@ def test_stop_now_without_process_group_follows_the_signal():
         assert not preempt.stop_now(step=7, every=5)
         os.kill(os.getpid(), signal.SIGUSR1)
         assert preempt.stop_now(step=7, every=5)  # one process: at the next step, not the next log step
+
+
+def test_disk_full_inside_torchs_zip_writer_is_a_storage_error(tmp_path, monkeypatch):
+    """torch reports a failed write as RuntimeError('unexpected pos ...') with the ENOSPC in __context__."""
+    model, opt, scaler = _save_steps(tmp_path, [1])
+    real_write = ckpt._HashingWriter.write
+
+    def fills_up(self, data):
+        if self.bytes > 2000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+    monkeypatch.setattr(ckpt._HashingWriter, "write", fills_up)
+    with pytest.raises(storage.StorageError, match="disk full while writing checkpoint step 2") as err:
+        ckpt.save(tmp_path, 2, _state(model, opt, scaler, 2))
+    assert isinstance(err.value.__cause__, RuntimeError)  # the real torch path, not a hand-raised OSError
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
+
+
+def _fake_free(monkeypatch, free):
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: free["bytes"])
+
+
+def test_short_disk_prunes_before_writing_and_ends_like_a_roomy_one(tmp_path, monkeypatch):
+    roomy, short = tmp_path / "roomy", tmp_path / "short"
+    model, opt, scaler = _save_steps(roomy, [1, 2, 3], keep=3)
+    _save_steps(short, [1, 2, 3], keep=3)
+    size = sum(f.stat().st_size for f in (short / "step-000003").iterdir())
+    need = ckpt._tensor_bytes(_state(model, opt, scaler, 4)) + (1 << 20)  # what save asks for
+    free = {"bytes": need - size}  # only pruning the two that keep=2 drops anyway makes it fit
+    _fake_free(monkeypatch, free)
+    real_prune = ckpt._delete_checkpoint
+    order = []
+    monkeypatch.setattr(ckpt, "_delete_checkpoint", lambda p: (order.append(("delete", p.name)), real_prune(p)))
+    monkeypatch.setattr(ckpt, "_make_room", lambda *a, _real=ckpt._make_room: (_real(*a), free.update(bytes=10 ** 12)))
+    ckpt.save(short, 4, _state(model, opt, scaler, 4), keep=2)
+    monkeypatch.undo()
+    ckpt.save(roomy, 4, _state(model, opt, scaler, 4), keep=2)
+    assert sorted(p.name for p in short.iterdir()) == sorted(p.name for p in roomy.iterdir()) \
+        == ["step-000003", "step-000004"]
+    assert order[:2] == [("delete", "step-000002"), ("delete", "step-000001")]  # before the write
+
+
+def test_short_disk_says_which_keep_would_fit(tmp_path, monkeypatch):
+    model, opt, scaler = _save_steps(tmp_path, [1, 2, 3], keep=3)
+    size = sum(f.stat().st_size for f in (tmp_path / "step-000003").iterdir())
+    need = ckpt._tensor_bytes(_state(model, opt, scaler, 4)) + (1 << 20)
+    _fake_free(monkeypatch, {"bytes": need - size * 3 // 2})  # keep=3 prunes one first: not enough; two would do
+    with pytest.raises(storage.StorageError, match="lower run.keep_checkpoints to 2"):
+        ckpt.save(tmp_path, 4, _state(model, opt, scaler, 4), keep=3)
+    _fake_free(monkeypatch, {"bytes": 1000})
+    with pytest.raises(storage.StorageError, match="keeping fewer checkpoints would not free enough"):
+        ckpt.save(tmp_path, 4, _state(model, opt, scaler, 4), keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000002", "step-000003"]
+
+
+def test_keep_counts_and_prunes_only_verified_checkpoints(tmp_path):
+    model, opt, scaler = _save_steps(tmp_path, [1, 2], keep=2)
+    bad = tmp_path / "step-000002" / "state.pt"
+    bad.write_bytes(bad.read_bytes()[:-3] + b"abc")  # marker present, file rotted
+    ckpt._verified.clear()                            # a new process: nothing verified yet
+    with pytest.warns(UserWarning, match="step-000002"):
+        ckpt.save(tmp_path, 3, _state(model, opt, scaler, 3), keep=2)
+    # the corrupt one neither counts as a kept checkpoint nor is deleted; the good step 1 survives as the backup
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000002", "step-000003"]
+
+
+def test_all_checkpoints_corrupt_is_an_error_not_a_fresh_start(tmp_path):
+    _save_steps(tmp_path, [1, 2])
+    for name in ("step-000001", "step-000002"):
+        f = tmp_path / name / "state.pt"
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.warns(UserWarning), pytest.raises(ckpt.CheckpointError, match="every checkpoint .* is corrupt"):
+        ckpt.resolve_resume("auto", tmp_path)
+    for name in ("step-000001", "step-000002"):
+        (tmp_path / name / "COMPLETE").unlink()       # killed before any marker: a fresh start is right
+    assert ckpt.resolve_resume("auto", tmp_path) is None

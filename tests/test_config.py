@@ -4,7 +4,7 @@ from typing import Optional
 
 import pytest
 
-from lib.config import ConfigError, from_dict, parse, to_dict, write_run_info
+from lib.config import ConfigError, from_dict, merge, parse, to_dict, write_run_info
 
 
 @dataclass
@@ -75,3 +75,44 @@ def test_run_info_written(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("seed: 0")
     assert info["torch"] and info["device"] == "cpu" and "--seed=1" in info["command"]
     assert (tmp_path / "run" / "run_info.json").is_file()
+
+
+@dataclass
+class Window:
+    start: int = 0
+    end: int = 10
+
+    def validate(self):
+        if self.end <= self.start:
+            raise ConfigError(f"window.end={self.end} must be > window.start={self.start}")
+
+
+@dataclass
+class WithWindow:
+    window: Window = field(default_factory=Window)
+
+
+def test_values_valid_only_together_pass_when_split_over_yaml_and_cli(tmp_path):
+    f = tmp_path / "w.yaml"
+    f.write_text("window:\n  start: 20\n")           # alone it is invalid: start 20 > end 10
+    cfg = parse(WithWindow(), ["--config", str(f), "--window.end=30"])
+    assert cfg == parse(WithWindow(), ["--window.start=20", "--window.end=30"]) == WithWindow(Window(20, 30))
+    with pytest.raises(ConfigError, match="must be > window.start"):  # the final config is still checked
+        parse(WithWindow(), ["--config", str(f)])
+    with pytest.raises(ConfigError, match="must be > window.start"):  # and merge alone validates its result
+        merge(WithWindow(), {"window": {"start": 20}})
+
+
+def test_a_real_cross_field_rule_split_over_yaml_and_cli(tmp_path):
+    """DynVision: memory.chunk_steps must fit the unrolled steps, which the CLI raises after the YAML."""
+    from pathlib import Path
+
+    import train_dynvision
+    base = Path(__file__).resolve().parent.parent / "configs/dynvision_debug.yaml"
+    f = tmp_path / "long_chunks.yaml"
+    f.write_text(base.read_text() + "\n# chunks longer than the debug model's 8 steps\n")
+    f.write_text(f.read_text().replace("chunk_steps: 4", "chunk_steps: 12"))
+    cfg = parse(train_dynvision.Config(), ["--config", str(f), "--model.n_timesteps=10"])
+    assert (cfg.memory.chunk_steps, cfg.model.n_timesteps) == (12, 10)
+    with pytest.raises(ConfigError, match="chunk_steps=12 is larger than"):
+        parse(train_dynvision.Config(), ["--config", str(f)])

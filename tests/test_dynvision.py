@@ -354,7 +354,9 @@ def test_stream_step_accumulates_like_one_batch(tmp_path):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
-def test_adaptive_micro_batch_respects_an_injected_budget(tmp_path):
+def test_adaptive_micro_batch_respects_an_injected_budget(tmp_path, monkeypatch):
+    import lib.memory
+    monkeypatch.setattr(lib.memory, "free_memory", lambda device=None: None)  # gc.collect: seconds in a big heap
     script, cfg = debug_config(tmp_path, "--memory.strategy=full")
     model = DyRCNN(dataclasses_replace(cfg.model, num_classes=10, in_channels=1))
     x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
@@ -423,6 +425,7 @@ def test_training_resumed_after_sigterm_equals_uninterrupted(tmp_path, monkeypat
     import train_dynvision
     from lib import checkpoint
     from lib.config import parse
+    from lib.run import Preempted
 
     def cfg(name):
         return parse(train_dynvision.Config(), [
@@ -439,7 +442,9 @@ def test_training_resumed_after_sigterm_equals_uninterrupted(tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)
         return out
     monkeypatch.setattr(train_dynvision.TrainStep, "__call__", step_then_signal)
-    assert train_dynvision.main(cfg("run")) is None  # preempted: checkpoint written, clean return
+    with pytest.raises(Preempted) as stop:  # preempted: checkpoint written, exit status 0
+        train_dynvision.main(cfg("run"))
+    assert stop.value.code == 0
     monkeypatch.setattr(train_dynvision.TrainStep, "__call__", real_step)
     assert checkpoint.latest(tmp_path / "run" / "checkpoints").name == "step-000007"
     train_dynvision.main(cfg("run"))

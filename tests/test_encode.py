@@ -7,13 +7,12 @@ import signal
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import encode_stream
 from lib.config import ConfigError, merge
 from lib.data import DataConfig, build_data, in_order
+from lib.run import Preempted
 from lib.storage import StorageError
-from tests.dist_env import free_port, set_rank_env
 
 ALL = ["embedding", "loop_embeddings", "tokens"]
 
@@ -99,28 +98,30 @@ def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, monk
         return real_call(self, images)
 
     monkeypatch.setattr(encode_stream.Encoder, "__call__", term_on_fourth)
-    result = run(cfg)
+    with pytest.raises(Preempted) as stop:  # exit status 0, the partial numbers on the exception
+        run(cfg)
+    result = stop.value.result
+    assert stop.value.code == 0
     assert not result["complete"] and result["chunks_written"] == 1  # 3 batches of 32 = chunk 0 + half of 1
     monkeypatch.setattr(encode_stream.Encoder, "__call__", real_call)
     assert run(cfg)["complete"]
     assert np.array_equal(outputs(full)["embedding"], outputs(cfg)["embedding"])
 
 
-def _rank_worker(rank, world, port, out_dir):
-    set_rank_env(rank, world, port)
+def two_rank_job(rank, world, out_dir):
+    """Two-rank job (tests/dist_env.py): the same encoding over two ranks; each rank's numbers to JSON."""
     cfg = make_cfg(out_dir, "two")
     result = run(cfg)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
 
-def test_two_ranks_equal_one(tmp_path):
+def test_two_ranks_equal_one(tmp_path, two_ranks):
     one = make_cfg(tmp_path, "one")
     run(one)
-    mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and r0["complete"] and r0["samples"] == 359 and r0["chunks_written"] == 6
-    a, b = outputs(one), outputs(make_cfg(tmp_path, "two"))
+    a, b = outputs(one), outputs(make_cfg(two_ranks, "two"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
@@ -190,3 +191,28 @@ def test_unreadable_images_are_marked_invalid(tmp_path):
     assert result["complete"] and len(got["index"]) == 12  # 2 classes x 6, one of them truncated
     assert result["invalid_rows"] == (~got["valid"]).sum() == 1
     assert not got["embedding"][~got["valid"]].any()
+
+
+def test_random_weights_are_said_loudly_and_recorded(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, "random", encode={"outputs": ["embedding"], "limit": 64})
+    result = run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("RANDOMLY INITIALIZED") == 2  # at the start and in the summary line
+    manifest = json.loads((tmp_path / "random" / "manifest.json").read_text())
+    assert manifest["random_weights"] and "RANDOMLY INITIALIZED" in manifest["warning"]
+    assert result["random_weights"] and "storage: " in out  # the storage report closes the run
+
+
+def test_a_chunk_that_rots_after_an_unconsolidated_run_is_encoded_again(tmp_path):
+    full = make_cfg(tmp_path, "ref", encode={"outputs": ["embedding"], "consolidate": False})
+    run(full)
+    cfg = make_cfg(tmp_path, "rot", encode={"outputs": ["embedding"], "consolidate": False})
+    run(cfg)
+    data_file, _ = encode_stream.ChunkStore(tmp_path / "rot").paths(2)
+    data_file.write_bytes(data_file.read_bytes()[:-10] + b"0123456789")  # bit rot after the run finished
+    with pytest.raises(StorageError, match="run the same encode_stream.py command again"):
+        outputs(cfg)
+    result = run(cfg)
+    assert result["complete"] and result["chunks_written"] == 1 and result["chunks_done_before"] == 5
+    assert np.array_equal(outputs(full)["embedding"], outputs(cfg)["embedding"])
+    assert run(cfg)["samples"] == 0  # every chunk verified: nothing to do

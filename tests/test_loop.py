@@ -1,16 +1,15 @@
 """lib/loop.py: accumulation, OOM recovery, LR schedule, non-finite policy, DDP equivalence."""
 import copy
+import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.config import ConfigError
 from lib.loop import (LoopConfig, NonFiniteLossError, OptimConfig, TrainStep, build_optimizer, check_micro_batch,
                       lr_at, per_rank_batch, split_sizes)
-from tests.dist_env import free_port, set_rank_env
 
 
 def make_model(seed=0):
@@ -145,9 +144,13 @@ def test_nonfinite_step_is_skipped_and_counted_then_stops():
         step(x, y, fl)
 
 
-def _ddp_worker(rank, world, port, steps, out_path):
-    set_rank_env(rank, world, port)
+DDP_STEPS = 3
+
+
+def ddp_job(rank, world, out_dir, steps=DDP_STEPS):
+    """Two-rank job (tests/dist_env.py): TrainStep under DDP on interleaved shards; rank 0 saves the weights."""
     from lib import dist
+    out_path = os.path.join(out_dir, "loop-ddp.pt")
     dist.setup(seed=0, device="cpu")
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -162,10 +165,9 @@ def _ddp_worker(rank, world, port, steps, out_path):
     dist.cleanup()
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
-    steps = 3
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, free_port(), steps, str(out)), nprocs=2, join=True)
+def test_two_gloo_processes_equal_one_process(two_ranks):
+    steps = DDP_STEPS
+    out = two_ranks / "loop-ddp.pt"
     model = make_model()
     optim = OptimConfig(lr=0.1, weight_decay=1e-3, schedule="cosine", warmup_steps=1)
     loop = LoopConfig(precision="fp32", global_batch=16, log_every=1)

@@ -2,7 +2,15 @@
 import pytest
 import torch
 
+from lib import memory
 from lib.memory import find_micro_batch, plan_accumulation
+
+
+@pytest.fixture(autouse=True)
+def no_garbage_collection(monkeypatch):
+    """The probe frees memory between tries (gc.collect: ~1 s each in a suite's big heap); these probes allocate
+    nothing, so the probe logic is tested without it."""
+    monkeypatch.setattr(memory, "free_memory", lambda device=None: None)
 
 
 def probe(limit_bytes, oom_above=None, per_sample=1000):

@@ -1,0 +1,56 @@
+"""Every bench's --smoke runs to its summary line, so a bench cannot silently rot (issue 14, item 12).
+
+The benches run in this process (torch is imported once); scaling.py's driver starts torchrun jobs by design,
+so it runs as a subprocess (one job of two ranks, the train worker); its encode worker runs here as one rank.
+"""
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def summary_of(text):
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert lines and lines[-1].get("summary") is True, text[-2000:]
+    return lines[-1]
+
+
+def run_bench(name, args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / name), *args])
+    runpy.run_path(str(ROOT / "bench" / name), run_name="__main__")
+    return summary_of(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name, args, keys", [
+    ("ast_speed.py", ["--smoke"], ["speedup_batch_10", "speedup_epoch_10", "speedup_batch_10_cheap_scoring"]),
+    ("loop_overhead.py", ["--smoke"], ["lib_vs_minimal_eager"]),
+    ("dynvision_speed.py", ["--smoke"], ["samples_per_s_b2", "checkpoint_vs_full_time"]),
+    ("data_pipeline.py", ["--smoke=true"], ["new_vs_resident", "standard_vs_resident", "pipeline_only_img_per_s"]),
+])
+def test_bench_smoke_reaches_its_summary(name, args, keys, tmp_path, monkeypatch, capsys):
+    if name == "data_pipeline.py":
+        args = [*args, f"--root={tmp_path / 'folder'}"]  # never a shared /tmp folder: suites run side by side
+    summary = run_bench(name, args, monkeypatch, capsys)
+    assert summary["device"] == "cpu"
+    for key in keys:
+        assert summary[key] is not None and summary[key] > 0, (key, summary)
+
+
+def test_scaling_smoke_through_torchrun(tmp_path, monkeypatch, capsys):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "bench/scaling.py", "--smoke", "--modes=batch", "--gpus=2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = summary_of(proc.stdout)  # one torchrun job of 2 gloo ranks (no 1-rank job: efficiency unknown)
+    assert summary["gpus"] == [2] and summary["images_per_s"]["batch_2"] > 0, proc.stdout[-2000:]
+    # the encode worker, as the one rank of a job
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--worker", "--mode=encode", "--smoke", f"--out-dir={tmp_path}"])
+    runpy.run_path(str(ROOT / "bench" / "scaling.py"), run_name="__main__")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["mode"] == "encode" and record["samples"] == 128 and record["images_per_s"] > 0
