@@ -244,7 +244,7 @@ def main():
         names.remove("silhouettes")
     recipes = [r for r in args.recipes.split(",") if r]
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    device_name = torch.cuda.get_device_name() if device == "cuda" else (os.uname().machine + " cpu")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("")

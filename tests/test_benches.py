@@ -54,3 +54,18 @@ def test_scaling_smoke_through_torchrun(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(ROOT / "bench" / "scaling.py"), run_name="__main__")
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["mode"] == "encode" and record["samples"] == 128 and record["images_per_s"] > 0
+
+
+def test_ast_quality_smoke_compares_matched_controls(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / "ast_quality.py"), "--smoke"])
+    runpy.run_path(str(ROOT / "bench" / "ast_quality.py"), run_name="__main__")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summary, runs = lines[-1], {r["variant"]: r for r in lines if r.get("kind") == "run"}
+    assert summary["summary"] is True and summary["device"] == "cpu"
+    for key in ("ast_minus_random_pt_batch", "ast_minus_random_pt_epoch", "ast_minus_budget_pt_epoch"):
+        assert isinstance(summary[key], float), (key, summary)
+    for tag in ("batch30", "epoch30"):  # the controls train on exactly the AST run's backward samples
+        assert runs[f"random_{tag}"]["backward_samples"] == runs[f"ast_{tag}"]["backward_samples"]
+        assert 0 <= runs[f"budget_{tag}"]["backward_samples"] - runs[f"ast_{tag}"]["backward_samples"] < 64
+    cells = [r for r in lines if r.get("kind") == "cell"]
+    assert {(c["mode"], c["rate"]) for c in cells} == {("batch", 0.3), ("epoch", 0.3)}
