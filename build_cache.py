@@ -25,13 +25,11 @@ use, which evicts least-recently-used shards to stay under the cap. Read the cac
 `lib.textreader.TextImageCache(cache_dir)`: a torch Dataset of (uint8 (C, H, W) image, sample id).
 """
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import io
 import multiprocessing as mp
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lib.config import ConfigError, parse, write_run_info
-from lib.storage import StorageError, atomic_write_json, format_bytes, format_report, storage_report
+from lib.config import ConfigError
+from lib.storage import atomic_write_json, format_bytes, format_report, storage_report
 from lib.textcache import (FORMAT, CacheError, ShardStore, differences, encode_shard, encode_texts, fingerprint,
                            font_sha256, init_worker, read_manifest, render_chunk, settings, write_file)
 from lib.textcorpus import CorpusConfig, read_corpus
@@ -236,10 +234,11 @@ class ShardWriter:
             raise self.error
 
 
-def render_shards(plan: Plan, cfg: Config, pool=None, workers=0):
+def render_shards(plan: Plan, cfg: Config, pool=None, workers=0, stop=lambda: False):
     """Render plan.todo through the pool (or in this process); each shard is written as soon as it is complete.
 
-    Stops at the first shard that does not fit under the cap (not written). Returns the run's counts.
+    Stops at the first shard that does not fit under the cap (not written), or when `stop()` says so (a preemption
+    signal: the shards completed so far are written). Returns the run's counts.
     """
     size, shape = plan.manifest["shard_size"], tuple(plan.manifest["image_shape"])
     chunk = cfg.cache.chunk_size
@@ -256,6 +255,8 @@ def render_shards(plan: Plan, cfg: Config, pool=None, workers=0):
                 blobs += chunk_blobs
                 overflow, hits, misses = overflow + chunk_overflow, hits + chunk_hits, misses + chunk_misses
                 bar.update(len(chunk_blobs))
+                if stop():
+                    break
                 if len(blobs) < len(shard_texts[todo[0]]):
                     continue
                 shard = todo.popleft()
@@ -271,7 +272,7 @@ def render_shards(plan: Plan, cfg: Config, pool=None, workers=0):
             "cap_reached": writer.cap_reached, "seconds": time.perf_counter() - start}
 
 
-def build(plan: Plan, cfg: Config):
+def build(plan: Plan, cfg: Config, stop=lambda: False):
     """Render every shard the cache misses, with cache.workers processes; returns the counts of this run."""
     workers = usable_cores() if cfg.cache.workers == -1 else cfg.cache.workers
     workers = min(workers, -(-len(plan.todo) * plan.manifest["shard_size"] // cfg.cache.chunk_size))  # <= tasks
@@ -281,10 +282,10 @@ def build(plan: Plan, cfg: Config):
     level = plan.manifest["compress_level"]
     if workers == 0:
         init_worker(plan.render, cfg.denoise, plan.render.font, level)
-        return {**render_shards(plan, cfg), "workers": 0}
+        return {**render_shards(plan, cfg, stop=stop), "workers": 0}
     pool = start_pool(workers, plan.render, cfg.denoise, level)
     try:
-        return {**render_shards(plan, cfg, pool, workers), "workers": workers}
+        return {**render_shards(plan, cfg, pool, workers, stop), "workers": workers}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -305,24 +306,18 @@ def cache_report(plan: Plan) -> dict:
             "cap_bytes": store.max_bytes, "storage": sizes}
 
 
-# ----------------------------------------------------------------------------- run plumbing
-@contextlib.contextmanager
-def run_folder(cfg: Config):
-    """Run folder with config.yaml + run_info.json; build_report.json written at the end.
-
-    The one place with run plumbing: swap it for the shared lib/run.py skeleton when that exists.
-    """
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    write_run_info(run_dir, cfg)
-    report = {}
-    yield run_dir, report
-    atomic_write_json(run_dir / "build_report.json", report)
-
-
 # ----------------------------------------------------------------------------- main
 def main(cfg: Config) -> dict:
-    with run_folder(cfg) as (run_dir, report):
-        root = Path(cfg.cache.dir) if cfg.cache.dir else run_dir / "cache"
+    """Build (or complete) the cache; returns the report also written to <out_dir>/<name>/result.json."""
+    # lib.run imports torch; imported here, not at the top, so the spawned render workers (which import this
+    # module) start without it
+    from lib.dist import DistInfo
+    from lib.run import Run
+    import torch
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+    # the cache folder's manifest refuses other render settings (it knows which matter): the run folder refuses none
+    with Run(cfg, info, may_change=(), work=(), log=log) as run:
+        root = Path(cfg.cache.dir) if cfg.cache.dir else run.dir / "cache"
         corpus = read_corpus(cfg.data)
         if not corpus.texts:
             raise ConfigError(f"data.source={cfg.data.source} gives no samples to render (input counts: "
@@ -337,40 +332,31 @@ def main(cfg: Config) -> dict:
         log(f"cache {root}: {shards - len(plan.todo)} of {shards} shards present, rendering {len(plan.todo)}"
             + (f" ({len(plan.corrupt)} failed their checksum)" if plan.corrupt else "")
             + (f"; evicted {len(plan.evicted)} to fit the cap" if plan.evicted else ""))
-        run = build(plan, cfg)
+        counts = build(plan, cfg, stop=lambda: run.should_stop(collective=False))
         cache = cache_report(plan)
-        rate = run["images_rendered"] / run["seconds"] if run["seconds"] else 0.0
-        lookups = run["word_hits"] + run["word_misses"]
-        report.update(cache_dir=str(root), format=FORMAT, input_counts=corpus.counts, **cache,
-                      shards_total=shards, shards_rendered=run["shards_written"], corrupt_rerendered=len(plan.corrupt),
-                      evicted_at_start=len(plan.evicted), cap_reached=run["cap_reached"],
-                      images_rendered=run["images_rendered"], overflow_rendered=run["overflow"],
-                      seconds=round(run["seconds"], 3), images_per_s=round(rate, 1), workers=run["workers"],
-                      word_cache_hit_rate=round(run["word_hits"] / lookups, 4) if lookups else None,
+        rate = counts["images_rendered"] / counts["seconds"] if counts["seconds"] else 0.0
+        lookups = counts["word_hits"] + counts["word_misses"]
+        report = dict(cache_dir=str(root), format=FORMAT, input_counts=corpus.counts, **cache,
+                      shards_total=shards, shards_rendered=counts["shards_written"],
+                      corrupt_rerendered=len(plan.corrupt), evicted_at_start=len(plan.evicted),
+                      cap_reached=counts["cap_reached"], images_rendered=counts["images_rendered"],
+                      overflow_rendered=counts["overflow"], seconds=round(counts["seconds"], 3),
+                      images_per_s=round(rate, 1), workers=counts["workers"],
+                      word_cache_hit_rate=round(counts["word_hits"] / lookups, 4) if lookups else None,
                       removed_temps=plan.store.removed_temps)
-        log(f"rendered {run['images_rendered']} images in {run['seconds']:.1f} s ({rate:.0f} images/s, "
-            f"{run['workers']} workers); {run['overflow']} of them did not fit the page (cut)")
-        if run["cap_reached"]:
+        log(f"rendered {counts['images_rendered']} images in {counts['seconds']:.1f} s ({rate:.0f} images/s, "
+            f"{counts['workers']} workers); {counts['overflow']} of them did not fit the page (cut)")
+        if run.should_stop(collective=False):
+            run.preempted(result=report)  # the shards written so far are complete: rerun to render the rest
+        if counts["cap_reached"]:
             log(f"cache full at its cap {format_bytes(plan.store.max_bytes)}: {cache['shards_present']} of {shards} "
                 f"shards present; readers render the other {cache['shards_missing']} on first use (evicting the "
                 f"least recently used), or raise cache.max_gb")
         log(format_report(cache["storage"]) + f" | cap {format_bytes(plan.store.max_bytes)}")
-    return report
+        # every build reports the cache as it is now, also one that rendered nothing
+        return run.finish(report, did_work=True, report=False)
 
 
-# errors whose message says what to fix (bad config, missing input or font, full disk, a cache of other settings,
-# a worker killed)
-USER_ERRORS = (ConfigError, FileNotFoundError, StorageError, WorkerDied)
-
-
-if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        sys.exit(print(__doc__))
-    try:
-        config = parse(Config(), sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    try:
-        main(config)
-    except USER_ERRORS as err:  # what the user must fix: one clear line, no traceback
-        sys.exit(f"error: {err}")
+if __name__ == "__main__":  # --help, config errors and user errors (a missing font, a full disk, ...) as one line
+    from lib.run import run_script
+    run_script(main, Config(), __doc__, extra_errors=(WorkerDied,))

@@ -313,10 +313,11 @@ def help_text(defaults, doc) -> str:
                       "the command line wins over the file, the file over the defaults):"] + config_help(defaults))
 
 
-def run_script(main, defaults, doc, argv=None, aliases=None):
+def run_script(main, defaults, doc, argv=None, aliases=None, extra_errors=()):
     """The `if __name__ == "__main__":` of every script: --help/-h, config, main(cfg); user errors as one line.
 
-    aliases maps a bare flag to an override, e.g. {"--compare": "--compare.enabled=true"}.
+    aliases maps a bare flag to an override, e.g. {"--compare": "--compare.enabled=true"}; extra_errors are the
+    script's own exception types whose message tells the user what to do.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -329,7 +330,7 @@ def run_script(main, defaults, doc, argv=None, aliases=None):
         sys.exit(f"config error: {err}")
     try:
         return main(cfg)
-    except USER_ERRORS as err:  # what the user must fix: one clear line, no traceback
+    except USER_ERRORS + tuple(extra_errors) as err:  # what the user must fix: one clear line, no traceback
         sys.exit(f"error: {err}")
     except Exception as err:
         full = disk_full_error(err)
