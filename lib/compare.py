@@ -116,14 +116,13 @@ def verdict_line(pair, metric):
     else:
         evidence = False
         detail = f"{pair['seeds']} seed(s), no spread available"
-    if mean <= 0:
-        words = "does not beat"
-    elif evidence:
-        words = "beats"
-    else:
-        words = "is ahead of, but not clearly better than,"
     better = "" if metric == "top1" else " lower"
-    return f"**{pair['ast']} {words} {pair['control']}** by {mean:+.2f}{spread_text} {unit}{better} ({detail})."
+    amount = f"{mean:+.2f}{spread_text} {unit}{better}"
+    if mean <= 0:
+        return f"**{pair['ast']} does not beat {pair['control']}**: {amount} ({detail})."
+    if evidence:
+        return f"**{pair['ast']} beats {pair['control']}** by {amount} ({detail})."
+    return f"**{pair['ast']} is ahead of {pair['control']}, but not clearly**: {amount} ({detail})."
 
 
 def activation_line(name, runs):
@@ -138,7 +137,8 @@ def activation_line(name, runs):
     full_epochs = r0.get("full_data_epochs", 0)
     text = f"{name} trained {100 * whole:.1f}% of the samples offered over the whole run (target {100 * target:.0f}%)"
     if full_epochs:
-        text += f": {full_epochs} of its {r0.get('epochs')} epochs (warm-up and final) train on all data"
+        which = "the warm-up" if r0.get("mode") == "batch" else "warm-up and final"
+        text += f": {full_epochs} of its {r0.get('epochs')} epochs ({which}) train on all data"
         if sparse:
             text += f", the sparse epochs ran at {100 * sum(sparse) / len(sparse):.1f}%"
     elif sparse:
