@@ -76,7 +76,7 @@ class RunConfig:
 
 @dataclass
 class ASTConfig:
-    mode: str = "batch"             # full | batch | epoch | random | budget (see the docstring)
+    mode: str = "batch"             # full | batch | epoch | random | budget | curriculum (see the docstring)
     score: str = "loss"             # loss | loss_intensity | loss_gradnorm | loss_entropy
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     # batch mode
@@ -84,7 +84,7 @@ class ASTConfig:
     score_resolution: int = 0       # px of the scoring forward (0 = training resolution; lower = cheaper)
     rate_band: float = 0.02         # every step trains target_rate +- this share of the scored batch; the
                                     # controller holds the mean on the target inside the band
-    round_to: int = 32              # trained subset rounded up to a multiple with the next-highest scores: few
+    round_to: int = 32              # trained subset size rounded up to a multiple (where the band allows): few
                                     # distinct shapes, each autotuned once by cuDNN (measured on an H100: every
                                     # new size costs 2-10 s of autotuning; with heuristics instead, a ~100-sample
                                     # step took as long as a 256-sample one)
