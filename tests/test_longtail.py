@@ -71,3 +71,39 @@ def test_bad_ratios_are_refused_with_what_to_do():
         merge(DataConfig(), {"long_tail_ratio": 0.5})
     with pytest.raises(ConfigError, match=r"leaves class \d+ without samples.*use a ratio <= \d+"):
         _build(name="digits", long_tail_ratio=1000)
+
+
+def test_a_long_tailed_compare_reports_per_class_and_survives_a_broken_matplotlib(tmp_path, monkeypatch, capsys):
+    """End to end through train_ast: the head-vs-tail table is written, and a plot that fails (matplotlib missing,
+    or failing inside) never fails the run: compare.md, compare.csv and per_class.csv are still written."""
+    import sys
+    import types
+
+    import train_ast
+    from lib import compare
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    runs = {"full": {"ast": {"mode": "full"}}, "ast": {}, "random": {"ast": {"mode": "random", "match": "ast"}}}
+    cfg = merge(train_ast.Config(), {
+        "run": {"out_dir": str(tmp_path), "name": "lt", "device": "cpu", "epochs": 2, "resume": "none"},
+        "data": {"name": "digits", "image_size": 8, "loader": "resident", "long_tail_ratio": 10},
+        "model": {"name": "small_cnn", "width": 8}, "loop": {"precision": "fp32", "global_batch": 64},
+        "ast": {"mode": "epoch", "final_full_fraction": 0.0, "controller": {"target_rate": 0.3}},
+        "compare": {"enabled": True, "runs": runs}})
+    results = train_ast.main(cfg)
+    root = tmp_path / "lt"
+    out = capsys.readouterr().out
+    assert "plots skipped: ModuleNotFoundError" in out and "train samples per class [" in out
+    assert (root / "compare.md").is_file() and (root / "compare.csv").is_file() and not list(root.glob("*.png"))
+    rows = (root / "per_class.csv").read_text().splitlines()
+    assert rows[0].startswith("class,full,ast,random") and len(rows) == 11  # every class of the balanced test set
+
+    broken = types.ModuleType("matplotlib")  # importable, but failing when used
+
+    def use(_backend):
+        raise RuntimeError("no backend")
+    broken.use = use
+    monkeypatch.setitem(sys.modules, "matplotlib", broken)
+    (root / "compare.md").unlink()
+    predictions = {(0, name): compare.load_predictions(root / name) for name in runs}
+    compare.write_comparison(root, {0: results}, predictions, say=print)
+    assert "plots skipped: RuntimeError: no backend" in capsys.readouterr().out and (root / "compare.md").is_file()
