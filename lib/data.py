@@ -125,7 +125,7 @@ def _resident_bytes(*tensors):
 
 
 def _long_tail(cfg, labels, num_classes, seed, rank):
-    """Indices of the training samples data.long_tail_ratio keeps (lib/datasets.py long_tail_indices); says the counts."""
+    """The training samples data.long_tail_ratio keeps (lib/datasets.long_tail_indices), with the counts printed."""
     keep, source, kept = long_tail_indices(labels, num_classes, cfg.long_tail_ratio, seed)
     if rank == 0:
         print(f"[data] long tail, ratio {cfg.long_tail_ratio:g}: train samples per class {kept} (of {source}; "

@@ -241,7 +241,8 @@ def long_tail_indices(labels, num_classes, ratio, seed):
     labels = torch.as_tensor(labels).cpu().long()
     source = torch.bincount(labels, minlength=num_classes).tolist()
     if num_classes < 2:
-        raise ConfigError(f"data.long_tail_ratio={ratio:g} needs at least 2 classes, the training set has {num_classes}")
+        raise ConfigError(f"data.long_tail_ratio={ratio:g} needs at least 2 classes; the training set has "
+                          f"{num_classes}")
     if source[0] == 0:
         raise ConfigError(f"data.long_tail_ratio={ratio:g}: class 0 has no training samples, so the profile (class 0 "
                           f"keeps all its samples, the others fewer) keeps nothing; check the data")

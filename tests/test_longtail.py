@@ -1,4 +1,5 @@
-"""data.long_tail_ratio: the stated per-class counts of the exponential profile, the test set untouched, clear errors."""
+"""data.long_tail_ratio: the stated per-class counts of the exponential profile, the test set untouched, clear
+errors; a long-tailed compare's per-class report, also when matplotlib is broken."""
 import math
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_imagefolder_subsamples_its_file_list(tmp_path):
     labels = data.train._loader.dataset.labels
     assert np.bincount(labels, minlength=3).tolist() == [8, 4, 2] and data.num_train == 14
     assert data.num_test == 6  # val: every file
-    x, y, _ = next(iter(data.train))  # the kept files load
+    x, _, _ = next(iter(data.train))  # the kept files load
     assert x.shape == (4, 3, 16, 16)
 
 

@@ -32,7 +32,8 @@ def tree_state(root):
         for f in files:
             path = Path(folder) / f
             st = path.stat()
-            out[str(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[str(path.relative_to(root))] = (digest, st.st_size, st.st_mtime_ns)
     return out
 
 

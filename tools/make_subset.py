@@ -77,7 +77,7 @@ class SubsetConfig:
 # ----------------------------------------------------------------------------- choosing
 def _rank(seed, *parts):
     """A sort key that orders candidates pseudo-randomly by seed, identically on every machine and version."""
-    return hashlib.sha256("\0".join([str(seed), *parts]).encode()).hexdigest()
+    return hashlib.sha256("\0".join([str(seed), *parts]).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _list_source(root):
@@ -170,8 +170,10 @@ def choose_files(cfg, listing, classes):
 
 
 def build_manifest(cfg, root, listing, classes, chosen):
+    """What manifest.json records: the source, the request, the classes, counts and the hash of the file list."""
     files = sorted(f"{split}/{name}/{f}" for split in SPLITS for name in classes for f in chosen[split][name])
     request = {k: getattr(cfg, k) for k in ("classes", "class_list", "fraction", "per_class", "val", "seed", "link")}
+    request["class_list"] = str(Path(cfg.class_list).resolve()) if cfg.class_list else ""
     return {
         "tool": "tools/make_subset.py", "source_root": str(root), "seed": cfg.seed, "request": request,
         "val_images": "all images of the chosen classes" if cfg.val == "all" else "the same fraction / per_class",
@@ -180,7 +182,7 @@ def build_manifest(cfg, root, listing, classes, chosen):
         "totals": {split: sum(len(v) for v in chosen[split].values()) for split in SPLITS},
         "source_totals": {split: sum(len(v) for v in listing[split].values()) for split in SPLITS},
         "source_classes": len(listing["train"]),
-        "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+        "files_sha256": hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest(),
         "files_hashed": "the sorted relative paths split/class/file, one per line (utf-8); not the file contents",
     }
 
