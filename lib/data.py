@@ -10,6 +10,7 @@ Datasets are read in lib/datasets.py (arrays in memory, image-folder listings); 
 batch them, one protocol, are in lib/loaders.py. This module holds the config, picks the loader and sets
 CUDA_DEVICE_MAX_CONNECTIONS at import (below); it re-exports the names callers used to import from here.
 """
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 
 from lib import jpeg
 from lib.config import ConfigError
-from lib.datasets import _cifar, _digits, _npz, _synthetic, channel_stats, mix_seed, scan_imagefolder  # noqa: F401
+from lib.datasets import (_cifar, _digits, _npz, _synthetic, channel_stats, long_tail_indices, mix_seed,  # noqa: F401
+                          scan_imagefolder)
 from lib.loaders import ArrayLoader, ImageFolderLoader, ResidentLoader, _Normalizer, crop_flip, in_order  # noqa: F401
 
 # CUDA feeds all streams of a process through CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 unless set). nvJPEG
@@ -60,6 +62,10 @@ class DataConfig:
     cpu_decode_fraction: float = 0.0    # jpeg loader: share of each batch decoded by PIL in the workers instead
                                         # of nvJPEG (measured slower on an H100 at 0.25-0.5; for GPUs without
                                         # hardware JPEG engines, where nvJPEG decodes on the SMs)
+    long_tail_ratio: float = 1.0    # > 1: the train split subsampled to an exponential long tail (CIFAR-LT, Cui et
+                                    # al. 2019): class c keeps n_0 * ratio^(-c/(C-1)) samples, class 0 all of them,
+                                    # the last class 1/ratio (e.g. 10 or 100); drawn by run seed; test set untouched.
+                                    # 1 = off
 
     def validate(self):
         if self.name not in NAMES:
@@ -90,6 +96,9 @@ class DataConfig:
             raise ConfigError(f"data.cpu_decode_fraction must be in [0, 1], got {self.cpu_decode_fraction}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ConfigError(f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
+        if not (math.isfinite(self.long_tail_ratio) and self.long_tail_ratio >= 1):
+            raise ConfigError(f"data.long_tail_ratio must be a number >= 1 (1 = off; 10 = the first class has 10x the "
+                              f"training samples of the last), got {self.long_tail_ratio}")
         for epoch, size in self.resize_schedule.items():
             if epoch < 0 or size < 1:
                 raise ConfigError(f"data.resize_schedule maps epoch (>= 0) to resolution in px (>= 1); "
@@ -115,6 +124,15 @@ def _resident_bytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _long_tail(cfg, labels, num_classes, seed, rank):
+    """The training samples data.long_tail_ratio keeps (lib/datasets.long_tail_indices), with the counts printed."""
+    keep, source, kept = long_tail_indices(labels, num_classes, cfg.long_tail_ratio, seed)
+    if rank == 0:
+        print(f"[data] long tail, ratio {cfg.long_tail_ratio:g}: train samples per class {kept} (of {source}; "
+              f"{len(keep)} of {sum(source)} kept), test set unchanged", flush=True)
+    return keep
+
+
 def build_data(cfg, device, batch_size, eval_batch_size=0, seed=0, rank=0, world_size=1):
     """Load the dataset named by `cfg` and wrap it in train/test loaders on `device` (see the module docstring)."""
     device = torch.device(device)
@@ -130,6 +148,9 @@ def build_data(cfg, device, batch_size, eval_batch_size=0, seed=0, rank=0, world
         x_train, y_train, x_test, y_test, num_classes = _cifar(cfg, rank, world_size)
     else:
         x_train, y_train, x_test, y_test, num_classes = _npz(cfg, seed)
+    if cfg.long_tail_ratio > 1:
+        keep = _long_tail(cfg, y_train, num_classes, seed, rank).to(y_train.device)
+        x_train, y_train = x_train[keep.to(x_train.device)], y_train[keep]
     height, width = x_train.shape[-2:]
     if height != width and not cfg.image_size:
         raise ConfigError(f"{cfg.name} images are {height}x{width} (not square); set data.image_size to the square "
@@ -172,6 +193,9 @@ def _build_imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, wor
     train_paths, train_labels, classes, empty = scan_imagefolder(root / "train")
     if not classes or len(train_paths) == 0:
         raise FileNotFoundError(f"{root / 'train'} holds no image files in class folders; {hint}")
+    if cfg.long_tail_ratio > 1:
+        keep = _long_tail(cfg, train_labels, len(classes), seed, rank).numpy()
+        train_paths, train_labels = train_paths[keep], train_labels[keep]
     val_paths, val_labels, _, val_empty = scan_imagefolder(root / "val", classes)
     if len(val_paths) == 0:
         raise FileNotFoundError(f"{root / 'val'} holds no image files in class folders; {hint}")

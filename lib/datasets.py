@@ -2,6 +2,7 @@
 tensors with int64 labels, and ImageFolder listings (relative paths + labels). lib/data.py's build_data wraps
 them in the loaders of lib/loaders.py.
 """
+import math
 import os
 import zipfile
 import zlib
@@ -226,6 +227,38 @@ def channel_stats(x):
     mean = total / count
     std = (total_sq / count - mean * mean).clamp(min=1e-12).sqrt()
     return mean.cpu(), std.cpu()
+
+
+# ----------------------------------------------------------------------------- long-tailed training sets
+def long_tail_indices(labels, num_classes, ratio, seed):
+    """The training samples a long-tailed subset keeps (sorted indices) and the per-class counts (source, kept).
+
+    The exponential profile of CIFAR-LT (Cui et al., CVPR 2019, "Class-Balanced Loss Based on Effective Number of
+    Samples"): class c, in label order, keeps floor(n_0 * ratio^(-c / (C - 1))) samples, where n_0 is class 0's
+    count: the first class keeps all of them, the last 1/ratio of them; a class holding fewer than its share keeps
+    all it has. Which samples: a random draw per class, a function of `seed` only.
+    """
+    labels = torch.as_tensor(labels).cpu().long()
+    source = torch.bincount(labels, minlength=num_classes).tolist()
+    if num_classes < 2:
+        raise ConfigError(f"data.long_tail_ratio={ratio:g} needs at least 2 classes; the training set has "
+                          f"{num_classes}")
+    if source[0] == 0:
+        raise ConfigError(f"data.long_tail_ratio={ratio:g}: class 0 has no training samples, so the profile (class 0 "
+                          f"keeps all its samples, the others fewer) keeps nothing; check the data")
+    kept = []
+    for c, available in enumerate(source):
+        share = math.floor(source[0] * ratio ** (-c / (num_classes - 1)) + 1e-9)  # 1e-9: 100 * 100^-1 is 1, not 0.99..
+        if min(share, available) < 1:
+            why = "has no training samples" if available == 0 else \
+                f"would keep floor({source[0]} x {ratio:g}^(-{c}/{num_classes - 1})) = 0 samples"
+            raise ConfigError(f"data.long_tail_ratio={ratio:g} leaves class {c} without samples: it {why}. The last "
+                              f"class keeps class 0's {source[0]} samples / ratio: use a ratio <= {source[0]}")
+        kept.append(min(share, available))
+    g = torch.Generator().manual_seed(mix_seed(seed, 1019))
+    picked = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    picked = [members[torch.randperm(len(members), generator=g)[:k]] for members, k in zip(picked, kept)]
+    return torch.sort(torch.cat(picked)).values, source, kept
 
 
 # ----------------------------------------------------------------------------- image folders

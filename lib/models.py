@@ -1,4 +1,4 @@
-"""Models for the training scripts: a small fast CNN for 32 px data and torchvision ResNet / ViT.
+"""Models for the training scripts: a small fast CNN for 32 px data and torchvision ResNet-18/50/101 / ViT-B/16.
 
 All are built from random init, or from a local weights file (state_dict saved with torch.save; loaded with
 weights_only=True). Nothing is downloaded.
@@ -12,12 +12,12 @@ import torchvision
 
 from lib.config import ConfigError
 
-MODELS = ("small_cnn", "resnet18", "resnet50", "vit_b16")
+MODELS = ("small_cnn", "resnet18", "resnet50", "resnet101", "vit_b16")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "small_cnn"         # small_cnn | resnet18 | resnet50 | vit_b16
+    name: str = "small_cnn"         # small_cnn | resnet18 | resnet50 | resnet101 | vit_b16
     width: int = 64                 # small_cnn: channels of the first block (doubles per block)
     weights: str = ""               # optional local state_dict file to start from
     small_input: str = "auto"       # resnet: 3x3 stride-1 stem without max-pool for <= 64 px inputs (auto|yes|no)
@@ -68,7 +68,7 @@ def build_model(cfg, in_channels, num_classes, image_size):
     """Build `cfg.name` for inputs (in_channels, image_size, image_size) and `num_classes` outputs."""
     if cfg.name == "small_cnn":
         model = SmallCNN(in_channels, num_classes, cfg.width)
-    elif cfg.name in ("resnet18", "resnet50"):
+    elif cfg.name in ("resnet18", "resnet50", "resnet101"):
         small = image_size <= 64 if cfg.small_input == "auto" else cfg.small_input == "yes"
         model = _resnet(cfg.name, in_channels, num_classes, small)
     else:
