@@ -54,6 +54,17 @@ def _per_sample_key(metric):
     return "correct" if metric == "top1" else "squared_error"
 
 
+def baseline_of(name, runs):
+    """The full-data baseline run `name` is measured against, among `runs` ({name: summary} of one seed):
+    `<prefix>_full` for a run named `<prefix>_<anything>` when such a run exists (one baseline per architecture in
+    a sweep), else `full`; None when there is none."""
+    if "_" in name:
+        prefixed = name.rsplit("_", 1)[0] + "_full"
+        if prefixed in runs and runs[prefixed]["mode"] == "full":
+            return prefixed
+    return "full" if "full" in runs and runs["full"]["mode"] == "full" else None
+
+
 def _comparisons(results, predictions):
     """(ast_name, control_name, kind) for every AST run and each control that refers to it, plus `full`."""
     names = list(next(iter(results.values())))
@@ -70,8 +81,9 @@ def _comparisons(results, predictions):
                 pairs.append((name, other, "budget"))
             elif r["mode"] == "curriculum" and r.get("match") == name:
                 pairs.append((name, other, "curriculum"))
-        if "full" in first and first["full"]["mode"] == "full":
-            pairs.append((name, "full", "full"))
+        base = baseline_of(name, first)
+        if base is not None:
+            pairs.append((name, base, "full"))
     return pairs
 
 
@@ -172,14 +184,14 @@ def write_comparison(root, results, predictions, say=print):
     seeds = list(results)
     names = list(results[seeds[0]])
     by_name = {name: {s: results[s][name] for s in seeds if name in results[s]} for name in names}
-    full_runs = by_name.get("full")
     rows = []
     for name in names:
         runs = by_name[name]
         first = next(iter(runs.values()))
         m, sd = _mean_std([r.get(metric) for r in runs.values()])
         m5, _ = _mean_std([r.get("top5") for r in runs.values()])
-        speedup = _speedup(runs, full_runs) if name != "full" else (1.0 if full_runs else None)
+        base = baseline_of(name, results[seeds[0]])
+        speedup = 1.0 if first["mode"] == "full" else (_speedup(runs, by_name[base]) if base else None)
         rate = _mean_std([r["activation_rate"] for r in runs.values()])[0]
         flag = ""
         if speedup and rate and speedup > IMPOSSIBLE_SLACK / rate:
@@ -290,9 +302,10 @@ def experiment_record(root, results, rows, pairs, metric):
         run_dir = Path(summary.get("run_dir", root / name))
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
         info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
-        row, full = by_row[name], by_row.get("full")
+        base = baseline_of(name, results[seed])
+        row, full = by_row[name], by_row.get(base)
         ast_runs = [results[s][name] for s in results if name in results[s]]
-        full_runs = [results[s]["full"] for s in results if "full" in results[s]]
+        full_runs = [results[s][base] for s in results if base in results[s]]
         energy = "not measured"
         if full and row.get("energy_j") and full.get("energy_j"):
             energy = round(1 - row["energy_j"] / full["energy_j"], 4)
@@ -305,7 +318,7 @@ def experiment_record(root, results, rows, pairs, metric):
             "mode": summary["mode"],
             "selection": cfg.get("ast", {}).get(f"{summary['mode']}_policy"),
             "pi_gains": {"kp": ctrl.get("kp"), "ki": ctrl.get("ki")} if summary["mode"] == "batch" else "not used",
-            "seeds": list(results),
+            "seeds": list(results), "baseline": base or "none",
             f"baseline_{metric}": full[metric] if full else "not measured",
             f"ast_{metric}": row[metric],
             f"ast_{metric}_per_seed": [r.get(metric) for r in ast_runs],
@@ -382,20 +395,24 @@ def _per_class_table(results, predictions, names, metric):
         return out
     out["classes"] = list(class_names) if class_names and len(class_names) == num_classes else \
         [str(c) for c in range(num_classes)]
-    full = out["by_run"].get("full")
+    first = results[next(iter(results))]
+    out["baseline"] = {n: baseline_of(n, first) for n in out["by_run"] if first[n]["mode"] != "full"}
     for name, acc in out["by_run"].items():
+        base = out["baseline"].get(name)
+        full = out["by_run"].get(base) if base else None
         worst = int(np.nanargmin(acc)) if np.isfinite(acc).any() else None
         summary = {"worst_class": out["classes"][worst] if worst is not None else None,
                    "worst_class_top1": float(acc[worst]) if worst is not None else None}
-        if full is not None and name != "full":
+        if full is not None and first[name]["mode"] != "full":
             diff = acc - full
             summary["classes_better_than_full"] = int(np.sum(diff > 0))
             summary["classes_worse_than_full"] = int(np.sum(diff < 0))
         out["summary"][name] = summary
     lines = []
     for name, summary in out["summary"].items():
-        if "classes_better_than_full" in summary and name != "full":
-            lines.append(f"- per class, {name} vs full: {summary['classes_better_than_full']} classes better, "
+        if "classes_better_than_full" in summary:
+            lines.append(f"- per class, {name} vs {out['baseline'][name]}: {summary['classes_better_than_full']} "
+                         f"classes better, "
                          f"{summary['classes_worse_than_full']} worse; its worst class is {summary['worst_class']} "
                          f"({100 * summary['worst_class_top1']:.1f}%)")
     if lines:
@@ -404,20 +421,18 @@ def _per_class_table(results, predictions, names, metric):
 
 
 def _write_per_class_csv(root, per_class):
-    """per_class.csv: one row per class, the accuracy of every run (mean over seeds) and each run minus full."""
+    """per_class.csv: one row per class, the accuracy of every run (mean over seeds) and each run minus its
+    full-data baseline."""
     if not per_class["by_run"]:
         return
     runs = list(per_class["by_run"])
-    full = per_class["by_run"].get("full")
-    fields = ["class"] + runs + ([f"{n}_minus_full" for n in runs if n != "full"] if full is not None else [])
+    pairs = [(n, b) for n, b in per_class.get("baseline", {}).items() if b in per_class["by_run"]]
     with open(Path(root) / "per_class.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(fields)
+        writer.writerow(["class"] + runs + [f"{n}_minus_{b}" for n, b in pairs])
         for c, label in enumerate(per_class["classes"]):
-            row = [label] + [f"{per_class['by_run'][n][c]:.4f}" for n in runs]
-            if full is not None:
-                row += [f"{per_class['by_run'][n][c] - full[c]:+.4f}" for n in runs if n != "full"]
-            writer.writerow(row)
+            writer.writerow([label] + [f"{per_class['by_run'][n][c]:.4f}" for n in runs] +
+                            [f"{per_class['by_run'][n][c] - per_class['by_run'][b][c]:+.4f}" for n, b in pairs])
 
 
 def plot_comparison(root, results, per_class, metric):
@@ -455,17 +470,18 @@ def plot_comparison(root, results, per_class, metric):
     fig.tight_layout()
     fig.savefig(root / "controller.png", dpi=100)
     plt.close(fig)
-    full = per_class["by_run"].get("full")
-    others = {n: a for n, a in per_class["by_run"].items() if n != "full"}
-    if full is not None and others:
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(full)), 4))
-        width = 0.8 / len(others)
-        x = np.arange(len(full))
-        for i, (name, acc) in enumerate(others.items()):
-            ax.bar(x + i * width, 100 * (acc - full), width, label=name)
+    pairs = [(n, b) for n, b in per_class.get("baseline", {}).items() if b in per_class["by_run"]]
+    if pairs:
+        classes = per_class["classes"]
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(classes)), 4))
+        width = 0.8 / len(pairs)
+        x = np.arange(len(classes))
+        for i, (name, base) in enumerate(pairs):
+            ax.bar(x + i * width, 100 * (per_class["by_run"][name] - per_class["by_run"][base]), width,
+                   label=f"{name} - {base}")
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(x + 0.4 - width / 2, per_class["classes"], rotation=90 if len(full) > 20 else 0)
-        ax.set_ylabel("per-class top-1 minus full (pt)")
+        ax.set_xticks(x + 0.4 - width / 2, classes, rotation=90 if len(classes) > 20 else 0)
+        ax.set_ylabel("per-class top-1 minus full-data baseline (pt)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(root / "per_class.png", dpi=100)
