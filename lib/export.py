@@ -9,9 +9,9 @@
 A model family is one entry in FAMILIES: how to recognise its config, which samples it reads and how to rebuild the
 module. Adding a model (e.g. another encoder for encode_stream.py) is one more entry.
 """
-import copy
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from lib import checkpoint
-from lib.config import ConfigError, load_yaml, merge
+from lib.config import ConfigError, load_yaml, merge, to_dict
 from lib.data import IMAGEFOLDER_DEFAULT_SIZE, SYNTHETIC_DEFAULT_SIZE, DataConfig, build_data
 from lib.storage import sha256_file
 
@@ -56,6 +56,7 @@ class ExportModel:
     class_output: str | None        # output whose argmax is the prediction; None for encoders
     quantization: str               # static (QDQ, calibrated: conv nets) | dynamic (Linear / attention)
     strict: bool = False            # torch.export through dynamo (strict) instead of non-strict tracing
+    config: dict = field(default_factory=dict)   # the rebuilt model's config (plain data), for the metadata
     details: dict = field(default_factory=dict)  # extra metadata (unrolled steps, ...)
 
 
@@ -125,10 +126,11 @@ def load_source(checkpoint_path="", weights="", source_config=""):
     if not path.exists():
         raise ExportError(f"checkpoint not found: {path} (pass runs/<name>/checkpoints/step-N, its state.pt, or the "
                           f"run folder runs/<name>)")
-    if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder: its newest complete checkpoint
-        step = checkpoint.latest(path / "checkpoints")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if path.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir()):
+        step = checkpoint.latest(folder)  # a run or checkpoints folder: its newest complete checkpoint
         if step is None:
-            raise ExportError(f"{path / 'checkpoints'} holds no complete checkpoint")
+            raise ExportError(f"{folder} holds no complete checkpoint")
         return _checkpoint_source(step)
     if path.is_dir() and not (path / checkpoint.STATE_FILE).exists() and not path.name.startswith("step-"):
         return _run_folder_source(path)
@@ -239,7 +241,8 @@ def _classifier_build(source, data):
     size = _image_size(data, cfg.get("data"))
     model = _load(build_model(model_cfg, in_channels, num_classes, size), source.state_dict, source)
     return ExportModel("classifier", model_cfg.name, _Outputs(model, lambda y: (y,)), (in_channels, size, size),
-                       ["logits"], "logits", "dynamic" if model_cfg.name == "vit_b16" else "static")
+                       ["logits"], "logits", "dynamic" if model_cfg.name == "vit_b16" else "static",
+                       config={**to_dict(model_cfg), "in_channels": in_channels, "num_classes": num_classes})
 
 
 def _dyrcnn_build(source, data):
@@ -260,7 +263,7 @@ def _dyrcnn_build(source, data):
     # logits at the last step (the prediction) and at every step (B, T, classes): the forward computes them all
     wrapped = _Outputs(model, lambda logits: (logits[:, -1], logits))
     return ExportModel("dyrcnn", f"dyrcnn_{model_cfg.preset}", wrapped, (v1[1], size, size),
-                       ["logits", "logits_per_step"], "logits", "static", strict=True,
+                       ["logits", "logits_per_step"], "logits", "static", strict=True, config=to_dict(model_cfg),
                        details={"unrolled_steps": steps, "stimulus_steps": model_cfg.n_timesteps,
                                 "residual_steps": model_cfg.residual(), "dt_ms": model_cfg.dt_ms})
 
@@ -285,7 +288,7 @@ def _rvit_build(source, data):
         in_channels = data.in_channels
     wrapped = _Outputs(model, lambda out: tuple(out[k] for k in outputs), outputs=tuple(outputs))
     return ExportModel("rvit", "rvit", wrapped, (in_channels, model_cfg.image_size, model_cfg.image_size),
-                       outputs, None, "dynamic", details={"loops": model_cfg.loops, "blocks": model_cfg.blocks})
+                       outputs, None, "dynamic", config={**to_dict(model_cfg), "in_channels": in_channels})
 
 
 def _samples_cfg_ast(config):
@@ -343,7 +346,9 @@ def trace(model, example):
     """torch.export with a dynamic batch axis; ExportError naming the failing code on failure."""
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=MAX_BATCH)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # DyRCNN's forward keeps a weak reference to its run state (for saved-tensor policies): harmless here
+            warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
             return torch.export.export(model.module, (example,), dynamic_shapes=({0: batch},), strict=model.strict)
     except Exception as e:  # noqa: BLE001 - every tracing failure is reported the same way
         raise ExportError(f"{model.name}: torch.export failed: {_describe_failure(e)}") from None
@@ -391,6 +396,5 @@ def metadata(model, source, input_desc):
             "frugal.source_sha256": source.sha256, "frugal.torch": torch.__version__}
     if model.details:
         meta["frugal.details"] = json.dumps(model.details)
-    model_section = copy.deepcopy(source.config.get("model") or {})
-    meta["frugal.model_config"] = json.dumps(model_section, default=str)
+    meta["frugal.model_config"] = json.dumps(model.config, default=str)
     return meta
