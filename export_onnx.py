@@ -22,6 +22,7 @@ model.report.json (parity, int8 agreement, latency of PyTorch eager fp32 / onnxr
 batch 1 and 32, file sizes). A file is only written once its check passed: an fp32 error above `tolerance`
 (max |ort - torch| / max |torch|) exits non-zero and leaves no .onnx behind.
 """
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -84,11 +85,9 @@ def threads_available():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# ----------------------------------------------------------------------------- main
-def main(cfg):
-    """Export, check parity, quantize, time; returns the report (also written to <out>.report.json)."""
-    threads = cfg.threads or threads_available()
-    torch.set_num_threads(threads)
+# ----------------------------------------------------------------------------- phases
+def rebuild(cfg):
+    """The source, its model family, the samples' dataset (or None and why) and the rebuilt ExportModel."""
     source = load_source(cfg.checkpoint, cfg.weights, cfg.source_config)
     family = find_family(source.config)
     if cfg.image_size:
@@ -98,31 +97,17 @@ def main(cfg):
     run_seed = (source.config.get("run") or {}).get("seed", 0)  # digits / npz splits depend on the run's seed
     data, unavailable = try_build_data(data_cfg, needed, seed=run_seed)
     model = family.build(source, data)
-    module = model.module.float().eval()
+    model.module = model.module.float().eval()
+    return source, data, unavailable, model
 
-    out = Path(cfg.out) if cfg.out else source.path.parent / "model.onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    int8_out, report_out = out.with_suffix(".int8.onnx"), out.with_suffix(".report.json")
-    for stale in out.parent.glob(f".{out.stem}.*.tmp.*"):  # temp files of a killed export
-        stale.unlink(missing_ok=True)
-    param_bytes = sum(p.numel() * 4 for p in module.parameters())
-    check_free_space(out.parent, 3 * param_bytes + (16 << 20), "ONNX export (fp32 + int8 + a temp copy)",
-                     hint="free space or pass --out on a larger disk")
 
-    tests = onnx_check.sample_inputs(data, "test", cfg.samples, model.input_shape, cfg.seed, unavailable)
-    input_desc = {"normalized": "per channel: (x - mean) / std, x in 0..1" if data is not None else "as in training"}
-    if data is not None and data.mean:
-        input_desc.update(mean=[round(m, 6) for m in data.mean], std=[round(s, 6) for s in data.std])
-    meta = metadata(model, source, input_desc)
-    say(f"[export] {model.family} {model.name} from {source.path} ({source.kind}, sha256 {source.sha256[:12]}) -> "
-        f"{out} (opset {OPSET}, batch axis dynamic, {threads} threads)")
-    say(f"[export] inputs: {tests.description}")
-
-    # ---- fp32: export to a temp name, check parity, then rename
+def export_fp32(cfg, model, tests, meta, out, threads):
+    """Export to a temp name, check parity against PyTorch, rename onto `out` only if it passed."""
     tmp = out.with_name(f".{out.stem}.fp32.tmp.{os.getpid()}")
     try:
         ops = write_onnx(model, tmp, meta, tests.images[:2])
-        fp32, reference = onnx_check.parity(module, tmp, tests, list(model.output_names), model.class_output, threads)
+        fp32, reference = onnx_check.parity(model.module, tmp, tests, list(model.output_names), model.class_output,
+                                            threads)
         fp32.update(ops=ops, inputs=tests.description, tolerance=cfg.tolerance)
         line = (f"[parity] fp32: max abs err {fp32['max_abs_err']:.3g}, relative {fp32['rel_err']:.3g} of the output "
                 f"scale (tolerance {cfg.tolerance:g}), batch sizes {fp32['batch_sizes_checked']}")
@@ -136,60 +121,87 @@ def main(cfg):
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    return fp32, reference
+
+
+def export_int8(cfg, model, out, int8_out, tests, calibration, reference, meta, threads):
+    """Quantize `out` to a temp name, compare it with PyTorch fp32 on the test samples, rename onto `int8_out`."""
+    names = list(model.output_names)
+    tmp = int8_out.with_name(f".{int8_out.stem}.int8.tmp.{os.getpid()}")
+    try:
+        try:
+            settings = onnx_check.quantize(model.quantization, out, tmp, calibration.images, cfg.per_channel)
+        except Exception as e:  # noqa: BLE001 - the quantizer's errors are internal; say which model and step
+            raise ExportError(f"int8 quantization ({model.quantization}) of {out} failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300]}; {out} itself is complete and checked (pass "
+                              f"--int8=false to skip quantization)") from None
+        settings["calibration"] = calibration.description if model.quantization == "static" else None
+        onnx_check.set_metadata(tmp, {**meta, "frugal.quantization": json.dumps(settings)})
+        outputs = onnx_check.run_session(onnx_check.session(tmp, threads), tests.images)
+        int8 = onnx_check.compare(reference, outputs, names, model.class_output)
+        int8.update(accuracy_int8=onnx_check.accuracy(outputs, names, model.class_output, tests.labels),
+                    accuracy_fp32=onnx_check.accuracy(reference, names, model.class_output, tests.labels),
+                    settings=settings, quantized_ops=onnx_check.quantized_ops(tmp), compared_to="pytorch fp32")
+        agreement = int8.get("top1_agreement")
+        say(f"[int8] {settings['mode']}: " + (f"top-1 agreement with fp32 {agreement:.4f}, " if agreement is not None
+            else f"cosine similarity with fp32 min {int8[f'cosine_{names[0]}_min']:.4f}, ")
+            + f"relative error {int8['rel_err']:.3g}; quantized ops {int8['quantized_ops']}")
+        if agreement is not None and agreement < cfg.int8_min_agreement:
+            raise ExportError(f"int8 top-1 agreement with fp32 is {agreement:.4f}, below int8_min_agreement="
+                              f"{cfg.int8_min_agreement}; {int8_out} not written ({out} is)")
+        os.replace(tmp, int8_out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return int8
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg):
+    """Export, check parity, quantize, time; returns the report (also written to <out>.report.json)."""
+    threads = cfg.threads or threads_available()
+    torch.set_num_threads(threads)
+    source, data, unavailable, model = rebuild(cfg)
+    out = Path(cfg.out) if cfg.out else source.path.parent / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    int8_out, report_out = out.with_suffix(".int8.onnx"), out.with_suffix(".report.json")
+    for stale in out.parent.glob(f".{out.stem}.*.tmp.*"):  # temp files of a killed export
+        stale.unlink(missing_ok=True)
+    param_bytes = sum(p.numel() * 4 for p in model.module.parameters())
+    if param_bytes > 1.9e9:  # one protobuf file holds at most 2 GB; external weight files are not supported here
+        raise ExportError(f"{model.name} has {param_bytes / 1e9:.1f} GB of fp32 weights, over the 2 GB an .onnx file "
+                          f"can hold; export_onnx.py writes single-file models only")
+    check_free_space(out.parent, 3 * param_bytes + (16 << 20), "ONNX export (fp32 + int8 + a temp copy)",
+                     hint="free space or pass --out on a larger disk")
+
+    tests = onnx_check.sample_inputs(data, "test", cfg.samples, model.input_shape, cfg.seed, unavailable)
+    input_desc = {"normalized": "per channel: (x - mean) / std, x in 0..1" if data is not None else "as in training"}
+    if data is not None and data.mean:
+        input_desc.update(mean=[round(m, 6) for m in data.mean], std=[round(s, 6) for s in data.std])
+    meta = metadata(model, source, input_desc)
+    say(f"[export] {model.family} {model.name} from {source.path} ({source.kind}, sha256 {source.sha256[:12]}) -> "
+        f"{out} (opset {OPSET}, batch axis dynamic, {threads} threads)")
+    say(f"[export] inputs: {tests.description}")
+    fp32, reference = export_fp32(cfg, model, tests, meta, out, threads)
     report = {"model": model.name, "family": model.family, "source": str(source.path), "source_kind": source.kind,
               "source_sha256": source.sha256, "onnx": str(out), "opset": OPSET, "metadata": meta, "threads": threads,
               "parity_fp32": fp32, "versions": _versions()}
-
-    # ---- int8
-    sessions = {"ort fp32": onnx_check.session(out, threads)}
-    if cfg.int8:
-        calibration = onnx_check.sample_inputs(data, "train", cfg.calibration_samples, model.input_shape,
-                                               cfg.seed, unavailable)
-        tmp = int8_out.with_name(f".{int8_out.stem}.int8.tmp.{os.getpid()}")
-        try:
-            try:
-                settings = onnx_check.quantize(model.quantization, out, tmp, calibration.images, cfg.per_channel)
-            except Exception as e:  # noqa: BLE001 - the quantizer's errors are internal; say which model and step
-                raise ExportError(f"int8 quantization ({model.quantization}) of {out} failed: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}; {out} itself is complete "
-                                  f"and checked (pass --int8=false to skip quantization)") from None
-            settings["calibration"] = calibration.description if model.quantization == "static" else None
-            onnx_check.set_metadata(tmp, {**meta, "frugal.quantization": settings})
-            int8_sess = onnx_check.session(tmp, threads)
-            fp32_ort = onnx_check.run_session(sessions["ort fp32"], tests.images)
-            int8_outputs = onnx_check.run_session(int8_sess, tests.images)
-            int8 = onnx_check.compare(fp32_ort, int8_outputs, list(model.output_names), model.class_output)
-            int8["accuracy_int8"] = onnx_check.accuracy(int8_outputs, list(model.output_names), model.class_output,
-                                                        tests.labels)
-            int8["accuracy_fp32"] = fp32["accuracy_torch"]
-            int8.update(settings=settings, quantized_ops=onnx_check.quantized_ops(tmp), compared_to="ort fp32")
-            agreement = int8.get("top1_agreement")
-            say(f"[int8] {settings['mode']}: " + (f"top-1 agreement with fp32 {agreement:.4f}, " if agreement is not None
-                else f"cosine similarity with fp32 min {int8[f'cosine_{model.output_names[0]}_min']:.4f}, ")
-                + f"relative error {int8['rel_err']:.3g}; quantized ops {int8['quantized_ops']}")
-            if agreement is not None and agreement < cfg.int8_min_agreement:
-                raise ExportError(f"int8 top-1 agreement with fp32 is {agreement:.4f}, below int8_min_agreement="
-                                  f"{cfg.int8_min_agreement}; {int8_out} not written ({out} is)")
-            os.replace(tmp, int8_out)
-        finally:
-            tmp.unlink(missing_ok=True)
-        sessions["ort int8"] = onnx_check.session(int8_out, threads)
-        report["int8"] = int8
-        report["int8_onnx"] = str(int8_out)
-
-    # ---- latency and sizes
     sizes = {"pytorch fp32 params": param_bytes, "onnx fp32": out.stat().st_size}
+    engines = {"torch eager fp32": onnx_check.torch_engine(model.module),
+               "ort fp32": onnx_check.ort_engine(onnx_check.session(out, threads))}
     if cfg.int8:
+        calibration = onnx_check.sample_inputs(data, "train", cfg.calibration_samples, model.input_shape, cfg.seed,
+                                               unavailable)
+        report["int8"] = export_int8(cfg, model, out, int8_out, tests, calibration, reference, meta, threads)
+        report["int8_onnx"] = str(int8_out)
         sizes["onnx int8"] = int8_out.stat().st_size
+        engines["ort int8"] = onnx_check.ort_engine(onnx_check.session(int8_out, threads))
     report["file_bytes"] = sizes
     if cfg.latency:
-        engines = {"torch eager fp32": onnx_check.torch_engine(module)}
-        engines.update({name: onnx_check.ort_engine(s) for name, s in sessions.items()})
-        rows = onnx_check.latency(engines, tests.images, cfg.batch_sizes, threads, cfg.warmup, cfg.repeats)
-        report["latency"] = rows
+        report["latency"] = onnx_check.latency(engines, tests.images, cfg.batch_sizes, threads, cfg.warmup,
+                                               cfg.repeats)
         say(f"[latency] CPU, {threads} threads, median of {cfg.repeats} calls after {cfg.warmup} warm-up calls, "
             f"each engine in turn in this process:")
-        say(onnx_check.format_table(rows, sizes))
+        say(onnx_check.format_table(report["latency"], sizes))
     else:
         say("[sizes] " + ", ".join(f"{k} {format_bytes(v)}" for k, v in sizes.items()))
     atomic_write_json(report_out, report)

@@ -2,6 +2,7 @@
 
     python bench/export_latency.py --threads=16      # ResNet-50, RViT-B/16 encoder, DyRCNNx4; JSON lines on stdout
     python bench/export_latency.py --smoke           # CPU, seconds: tiny models, checks the script runs
+    python bench/export_latency.py --threads=16 --variants   # + ResNet-50 int8 settings side by side
 
 Each model is saved the way its script saves it (a train_ast.py / train_dynvision.py checkpoint, an encode_stream.py
 run folder) and goes through export_onnx.main as a user's would: export, fp32 parity, int8 quantization, latency at
@@ -38,7 +39,7 @@ import encode_stream  # noqa: E402
 import export_onnx  # noqa: E402
 import train_ast  # noqa: E402
 import train_dynvision  # noqa: E402
-from lib import checkpoint  # noqa: E402
+from lib import checkpoint, export, onnx_check  # noqa: E402
 from lib.config import merge, to_dict  # noqa: E402
 from lib.data import build_data, in_order  # noqa: E402
 from lib.dynvision import DyRCNN  # noqa: E402
@@ -102,7 +103,7 @@ def classifier_checkpoint(folder, name, size, classes, fit_samples, width=64):
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches below
     model.train()
-    for i in range(0, len(x), 64):
+    for i in range(0, len(x) // 2, 64):  # BatchNorm statistics from the first half
         model(x[i:i + 64])
     model.eval()
     head = model.fc if hasattr(model, "fc") else model.head
@@ -184,6 +185,43 @@ def model_line(name, report):
     return line
 
 
+VARIANTS = {  # static int8 settings of ResNet-50 to compare against the default (the first)
+    "QDQ, per-channel, uint8 activations (default)": {},
+    "QOperator (QLinearConv), per-channel": {"quant_format": "QOperator"},
+    "QDQ, per-tensor weights": {"per_channel": False},
+    "QDQ, per-channel, reduce_range (7-bit weights)": {"reduce_range": True},
+    "QDQ, per-channel, int8 activations": {"activations": "int8"},
+}
+
+
+def int8_variants(run, fp32_path, args):
+    """Each VARIANTS setting: quantized, checked against fp32 (top-1 agreement) and timed at batch 32 against the same
+    fp32 session, to see what the default's speedup depends on."""
+    source = export.load_source(str(run))
+    family = export.find_family(source.config)
+    needed = max(args.eval_samples, args.calibration)
+    data, _ = export.try_build_data(export.samples_data_config(family.data_config(source.config), 0, needed), needed)
+    model = family.build(source, data)
+    tests = onnx_check.sample_inputs(data, "test", args.eval_samples, model.input_shape)
+    calibration = onnx_check.sample_inputs(data, "train", args.calibration, model.input_shape)
+    fp32 = onnx_check.session(fp32_path, args.threads)
+    reference = onnx_check.run_session(fp32, tests.images)
+    for index, (name, settings) in enumerate(VARIANTS.items()):
+        path = fp32_path.with_name(f"variant{index}.int8.onnx")
+        with contextlib.redirect_stdout(sys.stderr):
+            described = onnx_check.quantize("static", fp32_path, path, calibration.images, **settings)
+        int8 = onnx_check.session(path, args.threads)
+        agreement = onnx_check.compare(reference, onnx_check.run_session(int8, tests.images), ["logits"],
+                                       "logits")["top1_agreement"]
+        rows = onnx_check.latency({"ort fp32": onnx_check.ort_engine(fp32), "ort int8": onnx_check.ort_engine(int8)},
+                                  tests.images, [32], args.threads, args.warmup, args.repeats)
+        emit(variant=name, model=model.name, settings=described, int8_top1_agreement=agreement,
+             fp32_ms_b32=rows[0]["median_ms"], int8_ms_b32=rows[1]["median_ms"],
+             int8_vs_fp32_ort_speedup_b32=rows[1]["speedup_vs_first"], quantized_ops=onnx_check.quantized_ops(path),
+             threads=args.threads)
+        path.unlink()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, seconds")
@@ -193,6 +231,8 @@ def main(argv=None):
     parser.add_argument("--eval_samples", type=int, default=512, help="test images for parity and int8 agreement")
     parser.add_argument("--calibration", type=int, default=128, help="train images that calibrate static int8")
     parser.add_argument("--keep", default="", help="folder to keep the checkpoints and .onnx files in")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time other static int8 settings of the classifier (format, per-channel, range)")
     args = parser.parse_args(argv)
     args.threads = args.threads or export_onnx.threads_available()
     if args.smoke:
@@ -205,22 +245,26 @@ def main(argv=None):
         dyrcnn = dyrcnn_checkpoint(folder, 16, 10, 64, {"channels": [4, 6, 8, 10], "n_timesteps": 1,
                                                         "forward_delay_steps": 1, "recurrent_delay_steps": 1})
     else:
-        classifier = classifier_checkpoint(folder, "resnet50", 224, 100, 1024)
+        classifier = classifier_checkpoint(folder, "resnet50", 224, 100, 512)
         encoder = encoder_run(folder, {"patch_size": 16, "width": 768, "heads": 12, "blocks": 2, "loops": 6}, 224)
-        dyrcnn = dyrcnn_checkpoint(folder, 32, 100, 1024, {"n_timesteps": 20, "forward_delay_steps": 5,
+        dyrcnn = dyrcnn_checkpoint(folder, 32, 100, 512, {"n_timesteps": 20, "forward_delay_steps": 5,
                                                            "recurrent_delay_steps": 3})
     lines = {}
+    # the encoder has no classes to agree on: its cosine similarities need fewer samples than a top-1 agreement
+    counts = {"resnet50": args.eval_samples, "rvit_b16": min(args.eval_samples, 64), "dyrcnn_x4": args.eval_samples}
     for name, run in (("resnet50", classifier), ("rvit_b16", encoder), ("dyrcnn_x4", dyrcnn)):
-        report = export(run, folder / f"{name}.onnx", args, args.eval_samples)
+        report = export(run, folder / f"{name}.onnx", args, counts[name])
         lines[name] = model_line(report["model"], report)
         emit(**lines[name])
+        if name == "resnet50" and args.variants:
+            int8_variants(run, folder / f"{name}.onnx", args)
     summary = {"summary": True,
                "max_abs_err_fp32": max(line["fp32_rel_err"] for line in lines.values()),
                "max_abs_err_fp32_definition": "max |onnxruntime - torch| / max |torch| per output, worst output and "
                                               "model (fp32, test-split inputs)",
                "int8_top1_agreement_resnet50": lines["resnet50"]["int8_top1_agreement"],
                "int8_vs_fp32_ort_speedup_b32_resnet50": lines["resnet50"].get("int8_vs_fp32_ort_speedup_b32"),
-               "classifier": lines["resnet50"]["model"], "eval_samples": args.eval_samples,
+               "classifier": lines["resnet50"]["model"], "eval_samples": counts,
                "threads": args.threads, "smoke": args.smoke, "bars": BARS, "device": device_name(args.threads)}
     if not args.smoke:
         summary["passed"] = {k: (summary[k] <= v if k == "max_abs_err_fp32" else summary[k] >= v)

@@ -10,6 +10,7 @@ A model family is one entry in FAMILIES: how to recognise its config, which samp
 module. Adding a model (e.g. another encoder for encode_stream.py) is one more entry.
 """
 import dataclasses
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -86,7 +87,6 @@ def _checkpoint_source(step_path):
     digest = sha256_file(state_file)
     marker = state_file.parent / checkpoint.MARKER_FILE
     if marker.is_file():
-        import json
         try:
             expected = json.loads(marker.read_text()).get("sha256")
         except (OSError, ValueError, AttributeError):
@@ -212,6 +212,11 @@ def _load(model, state, source):
     return model.eval()
 
 
+def _no_weights(source):
+    return (f"{source.path.parent} has a config.yaml but no checkpoints/ with a complete checkpoint: nothing trained "
+            f"to export yet; pass a step folder runs/<name>/checkpoints/step-N")
+
+
 # ----------------------------------------------------------------------------- families
 class _Outputs(nn.Module):
     """Wrap a model so forward returns a tuple of named outputs (what the exporter and onnxruntime see)."""
@@ -233,7 +238,7 @@ def _classifier_build(source, data):
                    "resnet50": ("conv1.weight", "fc.weight"),
                    "vit_b16": ("conv_proj.weight", "heads.head.weight")}[model_cfg.name]
     if source.state_dict is None:
-        raise ExportError(f"{source.path} holds no weights")
+        raise ExportError(_no_weights(source))
     stem, head = _shape_of(source.state_dict, first, model_cfg.name), _shape_of(source.state_dict, last, model_cfg.name)
     in_channels, num_classes = stem[1], head[0]
     if model_cfg.name.startswith("resnet"):  # the stem the run had, whatever image size decided it then
@@ -250,7 +255,7 @@ def _dyrcnn_build(source, data):
     from lib.dynvision import DyRCNN, ModelConfig
     cfg = source.config
     if source.state_dict is None:
-        raise ExportError(f"{source.path} holds no weights")
+        raise ExportError(_no_weights(source))
     v1 = _shape_of(source.state_dict, "areas.0.conv1.weight", "DyRCNN")
     head = _shape_of(source.state_dict, "classifier.weight", "DyRCNN")
     # classes and channels come from the data at training time; the weights hold them. channels_last only changes
@@ -334,12 +339,16 @@ def _describe_failure(err, program=None):
                             f"({cls_name.rsplit('.', 1)[-1]})"
                 break
     reason = next((line.strip() for cause in causes[1:] for line in cause.splitlines()
-                   if line.strip() and "See the stack trace" not in line), "")
-    user_code = re.search(r"from user code:\s*\n(.*?)(?:\n\n|$)", joined, re.S)
-    lines = [f"op {op}{where}" if op else "the model", f"cannot be exported to ONNX: {reason[:400] or text[:400]}"]
-    if user_code:
-        lines.append(f"(at {' '.join(user_code.group(1).split())[:300]})")
-    return " ".join(lines)
+                   if line.strip() and "See the stack trace" not in line), "")  # the innermost words
+    if not reason:
+        reason = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    frames = [m for m in re.finditer(r'File "([^"]+)", line (\d+), in (\w+)(?:, code: |\n\s+)(.+)', joined)
+              if "site-packages" not in m.group(1) and "/torch/" not in m.group(1)]
+    message = f"{f'op {op}{where}' if op else 'the model'} cannot be exported to ONNX: {reason[:400]}"
+    if frames:  # the model's own line that the tracer stopped at
+        path, line, func, code = frames[-1].groups()
+        message += f" (at {Path(path).name}:{line} in {func}: {code.strip()[:120]})"
+    return message
 
 
 def trace(model, example):
@@ -385,7 +394,6 @@ def _name_batch_axis(ir_model):
 
 def metadata(model, source, input_desc):
     """metadata_props written into the ONNX file: model, input spec, outputs, source and its sha256."""
-    import json
     c, h, w = model.input_shape
     meta = {"frugal.model_name": model.name, "frugal.family": model.family,
             "frugal.script": next(f.script for f in FAMILIES if f.name == model.family),

@@ -142,25 +142,31 @@ class _Calibration:
         self.position = 0
 
 
-def quantize(mode, fp32_path, out_path, calibration=None, per_channel=True):
-    """int8 model at out_path. static: QDQ, per-channel int8 weights, uint8 activations calibrated (min/max) on
-    `calibration`; dynamic: int8 weights, activations quantized at run time (MatMul / Gemm). Returns settings."""
+def quantize(mode, fp32_path, out_path, calibration=None, per_channel=True, quant_format="QDQ",
+             activations="uint8", reduce_range=False):
+    """int8 model at out_path; returns its settings. static: int8 weights (per channel by default) and activations
+    (uint8 by default) with ranges calibrated (min/max) on `calibration`, as QDQ pairs around each op (QOperator:
+    QLinear* ops instead); dynamic: int8 weights, activation ranges computed per batch at run time (MatMul, Gemm)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    weights = "int8 " + ("per-channel" if per_channel else "per-tensor") + (", reduce_range" if reduce_range else "")
     with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=".quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # symbolic shape inference + onnxruntime's graph optimizations (BatchNorm folded, ops fused) before the
-        # quantizer chooses what to quantize: fewer, larger quantized nodes
+        # ONNX shape inference and onnxruntime's basic graph optimizations (constants folded, BatchNorm into conv)
+        # before the quantizer picks its ops. onnxruntime's symbolic shape inference is skipped: it fails on the
+        # exporter's Reshape nodes once the batch axis is symbolic.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         if mode == "static":
-            quantize_static(str(prepared), str(out_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            quantize_static(str(prepared), str(out_path), _Calibration(calibration),
+                            quant_format=getattr(QuantFormat, quant_format), per_channel=per_channel,
+                            reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
-            return {"mode": "static", "format": "QDQ", "weights": "int8 " + ("per-channel" if per_channel else
-                    "per-tensor"), "activations": "uint8, min/max calibration", "calibration_samples": len(calibration)}
-        quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel)
-        return {"mode": "dynamic", "weights": "int8 " + ("per-channel" if per_channel else "per-tensor"),
-                "activations": "uint8, range computed per batch at run time"}
+            return {"mode": "static", "format": quant_format, "weights": weights,
+                    "activations": f"{activations}, min/max calibration", "calibration_samples": len(calibration)}
+        quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         reduce_range=reduce_range)
+        return {"mode": "dynamic", "weights": weights, "activations": "uint8, range computed per batch at run time"}
 
 
 def quantized_ops(path):

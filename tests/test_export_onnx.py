@@ -1,6 +1,8 @@
 """export_onnx.py: each model family exported from a real run equals PyTorch in onnxruntime; bad input fails cleanly."""
+import contextlib
+import io
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -20,19 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A checkpoint of each training script and an encode run folder, made by the scripts' main() on CPU."""
+    """A train_ast.py checkpoint and an encode_stream.py run folder, made by the scripts' main() on CPU."""
     import encode_stream
     import train_ast
-    import train_dynvision
     root = tmp_path_factory.mktemp("runs")
     train_ast.main(merge(train_ast.Config(), {
         "run": {"out_dir": str(root), "name": "ast", "device": "cpu", "epochs": 1, "max_steps": 3, "resume": "none"},
         "data": {"name": "digits", "image_size": 8, "loader": "resident"}, "model": {"name": "small_cnn", "width": 8},
         "loop": {"precision": "fp32", "global_batch": 64, "log_every": 10}, "ast": {"mode": "full"}}))
-    train_dynvision.main(parse(train_dynvision.Config(), [
-        "--config", str(ROOT / "configs/dynvision_debug.yaml"), f"--run.out_dir={root}", "--run.name=dyn",
-        "--run.epochs=1", "--run.max_steps=1", "--run.eval_batches=1", "--model.preset=x4",
-        "--model.channels=[4,6,8,10]", "--model.n_timesteps=1", "--data.image_size=8"]))
     encode_stream.main(merge(encode_stream.Config(), {
         "run": {"out_dir": str(root), "name": "enc", "device": "cpu"}, "data": {"name": "digits", "loader": "resident"},
         "model": {"image_size": 8, "patch_size": 4, "width": 16, "heads": 2, "blocks": 1, "loops": 2},
@@ -85,20 +82,6 @@ def test_classifier_exports_with_parity_int8_and_latency(runs, tmp_path):
     assert onnx_files(tmp_path) == ["m.int8.onnx", "m.onnx"]
 
 
-def test_dyrcnn_unrolled_exports_every_step(runs, tmp_path):
-    report = export_onnx.main(export_cfg(runs / "dyn", tmp_path / "dyn.onnx"))
-    assert report["model"] == "dyrcnn_x4" and report["parity_fp32"]["rel_err"] <= 1e-4
-    assert report["int8"]["settings"]["mode"] == "static" and "top1_agreement" in report["int8"]
-    source = export.load_source(str(runs / "dyn"))
-    model = export.find_family(source.config).build(source, None)
-    steps = json.loads(report["metadata"]["frugal.details"])["unrolled_steps"]
-    assert steps == 1 + 4  # stimulus + 4 forward delays
-    session = onnx_check.session(tmp_path / "dyn.onnx", 1)
-    assert [o.name for o in session.get_outputs()] == ["logits", "logits_per_step"]
-    assert session.get_outputs()[1].shape[1:] == [steps, 10]
-    check_dynamic_batch(tmp_path / "dyn.onnx", model.module, model.input_shape, model.output_names)
-
-
 def test_encoder_from_run_folder_and_from_weights(runs, tmp_path):
     report = export_onnx.main(export_cfg(runs / "enc", tmp_path / "enc.onnx"))
     assert report["source_kind"] == "random init" and report["parity_fp32"]["rel_err"] <= 1e-4
@@ -124,7 +107,7 @@ def test_weights_file_source_and_tolerance_breach_leaves_no_onnx(runs, tmp_path)
     assert source.kind == "weights" and source.sha256 == sha256_file(tmp_path / "w.pt")
 
 
-def test_truncated_missing_and_unknown_checkpoints_fail_clearly(runs, tmp_path):
+def test_truncated_missing_and_unknown_checkpoints_fail_clearly(runs, tmp_path, monkeypatch):
     step = checkpoint.latest(runs / "ast" / "checkpoints")
     broken = tmp_path / "step-000001"
     broken.mkdir()
@@ -138,11 +121,14 @@ def test_truncated_missing_and_unknown_checkpoints_fail_clearly(runs, tmp_path):
     with pytest.raises(export.ExportError, match=r"unknown model type.*'gan'.*Known: classifier \(train_ast.py"):
         export_onnx.main(export_cfg(tmp_path / "odd", tmp_path / "x.onnx"))
     assert onnx_files(tmp_path) == []
-    # the command line: one clear line, non-zero exit
-    proc = subprocess.run([sys.executable, "export_onnx.py", "--checkpoint", str(broken), "--out",
-                           str(tmp_path / "x.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: checkpoint")
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # the command line: one clear line (SystemExit's message), non-zero exit
+    for argv, start in (([str(broken)], "error: checkpoint"), ([str(tmp_path / "odd"), "--outt=x.onnx"],
+                                                              "config error: unknown config key 'outt'")):
+        monkeypatch.setattr(sys, "argv", ["export_onnx.py", "--checkpoint", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / "export_onnx.py"), run_name="__main__")
+        message = str(exit_info.value.code)
+        assert message.startswith(start) and "\n" not in message, message
 
 
 class _Cumulative(torch.nn.Module):
@@ -167,12 +153,37 @@ def test_unsupported_op_names_module_and_op(tmp_path):
     assert onnx_files(tmp_path) == []
 
 
-def test_bench_smoke(capsys):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """bench/export_latency.py --smoke in this process (the exporter is loaded already), its files kept."""
     sys.path.insert(0, str(ROOT / "bench"))
-    import export_latency  # in this process: the exporter is loaded already
-    export_latency.main(["--smoke"])
-    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    import export_latency
+    folder = tmp_path_factory.mktemp("bench")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        export_latency.main(["--smoke", "--keep", str(folder)])
+    return folder, [json.loads(line) for line in out.getvalue().strip().splitlines()]
+
+
+def test_bench_smoke(smoke):
+    _, lines = smoke
     assert [line.get("model") for line in lines[:3]] == ["small_cnn", "rvit", "dyrcnn_x4"]
     summary = lines[-1]
     assert summary["summary"] and summary["max_abs_err_fp32"] <= 1e-4 and summary["device"].startswith("CPU")
     assert 0 <= summary["int8_top1_agreement_resnet50"] <= 1 and summary["int8_vs_fp32_ort_speedup_b32_resnet50"] > 0
+
+
+def test_dyrcnn_unrolled_exports_every_step(smoke):
+    """The bench's DyRCNN checkpoint (saved as train_dynvision.py saves one: config with the default num_classes,
+    weights of 10 classes): unrolled 1 + 4 steps, every step's logits, another batch size."""
+    folder, lines = smoke
+    report = json.loads((folder / "dyrcnn_x4.report.json").read_text())
+    assert report["model"] == "dyrcnn_x4" and report["parity_fp32"]["rel_err"] <= 1e-4
+    assert report["int8"]["settings"]["mode"] == "static" and "top1_agreement" in report["int8"]
+    assert json.loads(report["metadata"]["frugal.details"])["unrolled_steps"] == 1 + 4  # stimulus + 4 delays
+    session = onnx_check.session(folder / "dyrcnn_x4.onnx", 1)
+    assert [o.name for o in session.get_outputs()] == ["logits", "logits_per_step"]
+    assert session.get_outputs()[1].shape == ["batch", 5, 10]
+    source = export.load_source(str(folder / "dyrcnn_x4"))
+    model = export.find_family(source.config).build(source, None)
+    check_dynamic_batch(folder / "dyrcnn_x4.onnx", model.module, model.input_shape, model.output_names)
