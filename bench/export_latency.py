@@ -89,11 +89,11 @@ def ridge(features, labels, classes, strength=1.0):
 
 
 @torch.no_grad()
-def classifier_checkpoint(folder, name, size, classes, fit_samples, width=64):
+def classifier_checkpoint(folder, name, size, classes, fit_samples, test_samples, width=64):
     """A train_ast.py checkpoint: random convolutions, BatchNorm statistics and a ridge head from synthetic data."""
     cfg = merge(train_ast.Config(), {"run": {"name": name, "out_dir": str(folder)},
                                      "data": {"name": "synthetic", "image_size": size, "num_classes": classes,
-                                              "train_samples": fit_samples, "test_samples": 64},
+                                              "train_samples": fit_samples, "test_samples": test_samples},
                                      "model": {"name": name, "width": width}, "ast": {"mode": "full"}})
     data, x, y = samples(cfg.data, fit_samples)
     torch.manual_seed(0)
@@ -121,11 +121,11 @@ def classifier_checkpoint(folder, name, size, classes, fit_samples, width=64):
 
 
 @torch.no_grad()
-def dyrcnn_checkpoint(folder, size, classes, fit_samples, model_overrides):
+def dyrcnn_checkpoint(folder, size, classes, fit_samples, test_samples, model_overrides):
     """A train_dynvision.py checkpoint: DynVision's init, the readout fitted by ridge on the last step's IT rates."""
     cfg = merge(train_dynvision.Config(), {"run": {"name": "dyrcnn_x4", "out_dir": str(folder)},
                                            "data": {"name": "synthetic", "image_size": size, "num_classes": classes,
-                                                    "train_samples": fit_samples, "test_samples": 64},
+                                                    "train_samples": fit_samples, "test_samples": test_samples},
                                            "model": {"preset": "x4", **model_overrides}})
     data, x, y = samples(cfg.data, fit_samples)
     torch.manual_seed(0)
@@ -172,7 +172,8 @@ def model_line(name, report):
     parity, int8 = report["parity_fp32"], report["int8"]
     line = {"model": name, "family": report["family"], "inputs": parity["inputs"],
             "fp32_max_abs_err": parity["max_abs_err"], "fp32_rel_err": parity["rel_err"],
-            "fp32_top1_agreement": parity.get("top1_agreement"), "distinct_predictions": parity.get("distinct_predictions"),
+            "fp32_top1_agreement": parity.get("top1_agreement"),
+            "distinct_predictions": parity.get("distinct_predictions"),
             "accuracy_fp32": int8.get("accuracy_fp32"), "accuracy_int8": int8.get("accuracy_int8"),
             "int8_top1_agreement": int8.get("top1_agreement"), "int8_rel_err": int8["rel_err"],
             "int8_settings": int8["settings"], "int8_quantized_ops": int8["quantized_ops"],
@@ -240,15 +241,15 @@ def main(argv=None):
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="export_latency-"))
     folder.mkdir(parents=True, exist_ok=True)
     if args.smoke:  # the same path at toy sizes: small CNN stands in for ResNet-50
-        classifier = classifier_checkpoint(folder, "small_cnn", 16, 10, 128, width=8)
+        classifier = classifier_checkpoint(folder, "small_cnn", 16, 10, 128, args.eval_samples, width=8)
         encoder = encoder_run(folder, {"patch_size": 4, "width": 32, "heads": 2, "blocks": 1, "loops": 2}, 16)
-        dyrcnn = dyrcnn_checkpoint(folder, 16, 10, 64, {"channels": [4, 6, 8, 10], "n_timesteps": 1,
-                                                        "forward_delay_steps": 1, "recurrent_delay_steps": 1})
+        dyrcnn = dyrcnn_checkpoint(folder, 16, 10, 64, args.eval_samples, {
+            "channels": [4, 6, 8, 10], "n_timesteps": 1, "forward_delay_steps": 1, "recurrent_delay_steps": 1})
     else:
-        classifier = classifier_checkpoint(folder, "resnet50", 224, 100, 512)
+        classifier = classifier_checkpoint(folder, "resnet50", 224, 100, 512, args.eval_samples)
         encoder = encoder_run(folder, {"patch_size": 16, "width": 768, "heads": 12, "blocks": 2, "loops": 6}, 224)
-        dyrcnn = dyrcnn_checkpoint(folder, 32, 100, 512, {"n_timesteps": 20, "forward_delay_steps": 5,
-                                                           "recurrent_delay_steps": 3})
+        dyrcnn = dyrcnn_checkpoint(folder, 32, 100, 512, args.eval_samples, {
+            "n_timesteps": 20, "forward_delay_steps": 5, "recurrent_delay_steps": 3})
     lines = {}
     # the encoder has no classes to agree on: its cosine similarities need fewer samples than a top-1 agreement
     counts = {"resnet50": args.eval_samples, "rvit_b16": min(args.eval_samples, 64), "dyrcnn_x4": args.eval_samples}

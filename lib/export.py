@@ -329,8 +329,9 @@ def _describe_failure(err, program=None):
     node_name = re.search(r"Error when translating node %(\w+)", joined)
     where = ""
     if program is not None and (op or node_name):
+        target = op.removeprefix("torch.ops.") if op else None
         for node in program.graph.nodes:
-            if (node_name and node.name == node_name.group(1)) or (op and str(node.target) == op.removeprefix("torch.ops.")):
+            if (node_name and node.name == node_name.group(1)) or (target and str(node.target) == target):
                 stack = node.meta.get("nn_module_stack") or {}
                 if stack:
                     path, cls = list(stack.values())[-1]

@@ -117,7 +117,8 @@ def test_truncated_missing_and_unknown_checkpoints_fail_clearly(runs, tmp_path, 
         export_onnx.main(export_cfg(broken, tmp_path / "x.onnx"))
     with pytest.raises(export.ExportError, match="checkpoint not found"):
         export_onnx.main(export_cfg(tmp_path / "nowhere", tmp_path / "x.onnx"))
-    checkpoint.save(tmp_path / "odd" / "checkpoints", 1, {"model": {"w": torch.zeros(2)}, "config": {"run": {}, "gan": {"z": 1}}})
+    unknown = {"model": {"w": torch.zeros(2)}, "config": {"run": {}, "gan": {"z": 1}}}
+    checkpoint.save(tmp_path / "odd" / "checkpoints", 1, unknown)
     with pytest.raises(export.ExportError, match=r"unknown model type.*'gan'.*Known: classifier \(train_ast.py"):
         export_onnx.main(export_cfg(tmp_path / "odd", tmp_path / "x.onnx"))
     assert onnx_files(tmp_path) == []
