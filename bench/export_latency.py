@@ -77,15 +77,16 @@ def samples(data_cfg, count, seed=0):
     return data, torch.cat(xs)[:count], torch.cat(ys)[:count]
 
 
-def ridge(features, labels, classes, strength=1.0):
-    """Linear classifier (weight (K, D), bias (K,)) by ridge regression on standardized features, folded back."""
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    z = ((features - mean) / std).double()
+def ridge(features, labels, classes, strength=0.1):
+    """Linear classifier (weight (K, D), bias (K,)) by ridge regression on centred features scaled by one number:
+    a per-feature scale would hand near-constant features huge weights, and the int8 error of those features would
+    then decide the logits."""
+    mean, scale = features.mean(0), features.std().clamp_min(1e-6)
+    z = ((features - mean) / scale).double()
     targets = torch.nn.functional.one_hot(labels, classes).double() - 1.0 / classes
-    w = torch.linalg.solve(z.T @ z + strength * len(z) * torch.eye(z.shape[1], dtype=z.dtype), z.T @ targets)  # (D, K)
-    weight = (w.T / std.double()).float()
-    bias = (-(mean.double() / std.double()) @ w).float()
-    return weight, bias
+    gram = z.T @ z + strength * len(z) * torch.eye(z.shape[1], dtype=z.dtype)
+    w = torch.linalg.solve(gram, z.T @ targets) / scale.double()  # (D, K) in the features' own units
+    return w.T.float().contiguous(), (-mean.double() @ w).float()
 
 
 @torch.no_grad()
@@ -232,6 +233,9 @@ def main(argv=None):
     parser.add_argument("--eval_samples", type=int, default=512, help="test images for parity and int8 agreement")
     parser.add_argument("--calibration", type=int, default=128, help="train images that calibrate static int8")
     parser.add_argument("--keep", default="", help="folder to keep the checkpoints and .onnx files in")
+    parser.add_argument("--models", default="resnet50,rvit_b16,dyrcnn_x4", help="comma-separated subset to run")
+    parser.add_argument("--classifier_checkpoint", default="",
+                        help="a train_ast.py run or step folder: the classifier, instead of the fitted ResNet-50")
     parser.add_argument("--variants", action="store_true",
                         help="also time other static int8 settings of the classifier (format, per-channel, range)")
     args = parser.parse_args(argv)
@@ -240,32 +244,46 @@ def main(argv=None):
         args.warmup, args.repeats, args.eval_samples, args.calibration = 1, 2, 32, 16
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="export_latency-"))
     folder.mkdir(parents=True, exist_ok=True)
-    if args.smoke:  # the same path at toy sizes: small CNN stands in for ResNet-50
-        classifier = classifier_checkpoint(folder, "small_cnn", 16, 10, 128, args.eval_samples, width=8)
-        encoder = encoder_run(folder, {"patch_size": 4, "width": 32, "heads": 2, "blocks": 1, "loops": 2}, 16)
-        dyrcnn = dyrcnn_checkpoint(folder, 16, 10, 64, args.eval_samples, {
-            "channels": [4, 6, 8, 10], "n_timesteps": 1, "forward_delay_steps": 1, "recurrent_delay_steps": 1})
-    else:
-        classifier = classifier_checkpoint(folder, "resnet50", 224, 100, 512, args.eval_samples)
-        encoder = encoder_run(folder, {"patch_size": 16, "width": 768, "heads": 12, "blocks": 2, "loops": 6}, 224)
-        dyrcnn = dyrcnn_checkpoint(folder, 32, 100, 512, args.eval_samples, {
-            "n_timesteps": 20, "forward_delay_steps": 5, "recurrent_delay_steps": 3})
+    chosen = args.models.split(",")
+    builders = {  # name -> (smoke, full): each makes the checkpoint or run folder that export_onnx reads
+        "resnet50": (lambda: classifier_checkpoint(folder, "small_cnn", 16, 10, 128, args.eval_samples, width=8),
+                     lambda: classifier_checkpoint(folder, "resnet50", 224, 100, 512, args.eval_samples)),
+        "rvit_b16": (lambda: encoder_run(folder, {"patch_size": 4, "width": 32, "heads": 2, "blocks": 1,
+                                                  "loops": 2}, 16),
+                     lambda: encoder_run(folder, {"patch_size": 16, "width": 768, "heads": 12, "blocks": 2,
+                                                  "loops": 6}, 224)),
+        "dyrcnn_x4": (lambda: dyrcnn_checkpoint(folder, 16, 10, 64, args.eval_samples, {
+            "channels": [4, 6, 8, 10], "n_timesteps": 1, "forward_delay_steps": 1, "recurrent_delay_steps": 1}),
+                      lambda: dyrcnn_checkpoint(folder, 32, 100, 512, args.eval_samples, {
+            "n_timesteps": 20, "forward_delay_steps": 5, "recurrent_delay_steps": 3})),
+    }
+    unknown = [m for m in chosen if m not in builders]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(builders)}")
+    runs = {}
+    for name in chosen:  # smoke: the same path at toy sizes, a small CNN standing in for ResNet-50
+        if name == "resnet50" and args.classifier_checkpoint:
+            runs[name] = Path(args.classifier_checkpoint)
+        else:
+            runs[name] = builders[name][0 if args.smoke else 1]()
     lines = {}
     # the encoder has no classes to agree on: its cosine similarities need fewer samples than a top-1 agreement
     counts = {"resnet50": args.eval_samples, "rvit_b16": min(args.eval_samples, 64), "dyrcnn_x4": args.eval_samples}
-    for name, run in (("resnet50", classifier), ("rvit_b16", encoder), ("dyrcnn_x4", dyrcnn)):
+    for name, run in runs.items():
         report = export(run, folder / f"{name}.onnx", args, counts[name])
         lines[name] = model_line(report["model"], report)
         emit(**lines[name])
         if name == "resnet50" and args.variants:
             int8_variants(run, folder / f"{name}.onnx", args)
+    first = lines.get("resnet50", {})
     summary = {"summary": True,
                "max_abs_err_fp32": max(line["fp32_rel_err"] for line in lines.values()),
                "max_abs_err_fp32_definition": "max |onnxruntime - torch| / max |torch| per output, worst output and "
                                               "model (fp32, test-split inputs)",
-               "int8_top1_agreement_resnet50": lines["resnet50"]["int8_top1_agreement"],
-               "int8_vs_fp32_ort_speedup_b32_resnet50": lines["resnet50"].get("int8_vs_fp32_ort_speedup_b32"),
-               "classifier": lines["resnet50"]["model"], "eval_samples": counts,
+               "int8_top1_agreement_resnet50": first.get("int8_top1_agreement"),
+               "int8_vs_fp32_ort_speedup_b32_resnet50": first.get("int8_vs_fp32_ort_speedup_b32"),
+               "classifier": first.get("model"), "classifier_source": args.classifier_checkpoint or "fitted (see doc)",
+               "models": chosen, "eval_samples": {k: counts[k] for k in chosen},
                "threads": args.threads, "smoke": args.smoke, "bars": BARS, "device": device_name(args.threads)}
     if not args.smoke:
         summary["passed"] = {k: (summary[k] <= v if k == "max_abs_err_fp32" else summary[k] >= v)

@@ -9,6 +9,7 @@
 A model family is one entry in FAMILIES: how to recognise its config, which samples it reads and how to rebuild the
 module. Adding a model (e.g. another encoder for encode_stream.py) is one more entry.
 """
+import contextlib
 import dataclasses
 import json
 import re
@@ -58,6 +59,7 @@ class ExportModel:
     quantization: str               # static (QDQ, calibrated: conv nets) | dynamic (Linear / attention)
     strict: bool = False            # torch.export through dynamo (strict) instead of non-strict tracing
     config: dict = field(default_factory=dict)   # the rebuilt model's config (plain data), for the metadata
+    tracing: Callable = contextlib.nullcontext  # context to trace the module in (see _dyrcnn_tracing)
     details: dict = field(default_factory=dict)  # extra metadata (unrolled steps, ...)
 
 
@@ -269,8 +271,35 @@ def _dyrcnn_build(source, data):
     wrapped = _Outputs(model, lambda logits: (logits[:, -1], logits))
     return ExportModel("dyrcnn", f"dyrcnn_{model_cfg.preset}", wrapped, (v1[1], size, size),
                        ["logits", "logits_per_step"], "logits", "static", strict=True, config=to_dict(model_cfg),
+                       tracing=_dyrcnn_tracing,
                        details={"unrolled_steps": steps, "stimulus_steps": model_cfg.n_timesteps,
                                 "residual_steps": model_cfg.residual(), "dt_ms": model_cfg.dt_ms})
+
+
+@contextlib.contextmanager
+def _dyrcnn_tracing():
+    """Per-step views of a block of n steps as unflatten + unbind instead of torch.split while tracing: split counts
+    its pieces as ceil(n*B / B), a guard torch.export cannot prove for every batch size B, so it fixes the batch
+    (blocks of n > 1 steps appear once recurrent_delay_steps > 1). Same values and the same single gradient per
+    block; a stop-gap until lib/dynvision.py's _Timeline.step does this itself."""
+    from lib import dynvision
+    original = dynvision._Timeline.step
+
+    def step(self, t):
+        block, i = self.entries[t]
+        if block.shape[0] == self.batch:
+            return block
+        cached = self._views.get(id(block))
+        if cached is None or cached[0] is not block:
+            cached = (block, block.unflatten(0, (-1, self.batch)).unbind(0))
+            self._views[id(block)] = cached
+        return cached[1][i]
+
+    dynvision._Timeline.step = step
+    try:
+        yield
+    finally:
+        dynvision._Timeline.step = original
 
 
 def _rvit_build(source, data):
@@ -356,7 +385,7 @@ def trace(model, example):
     """torch.export with a dynamic batch axis; ExportError naming the failing code on failure."""
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=MAX_BATCH)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), model.tracing():
             # DyRCNN's forward keeps a weak reference to its run state (for saved-tensor policies): harmless here
             warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
             return torch.export.export(model.module, (example,), dynamic_shapes=({0: batch},), strict=model.strict)
@@ -373,11 +402,23 @@ def write_onnx(model, path, metadata, example):
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{model.name}: {_describe_failure(e, program)}") from None
     ir_model = onnx_program.model
+    _fold_weight_transposes(ir_model)
     _name_batch_axis(ir_model)
     for key, value in metadata.items():
         ir_model.metadata_props[key] = str(value)
     onnx_program.save(str(path), external_data=False)
     return sorted({node.op_type for node in ir_model.graph})
+
+
+def _fold_weight_transposes(ir_model):
+    """The exporter leaves Transpose(weight) in the graph when the weight is large and used more than once (RViT's
+    blocks run on every loop): merge the duplicates, then fold them, so each MatMul reads a constant weight, which
+    dynamic int8 quantization needs (it skips MatMuls whose weight is computed). The numbers do not change."""
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+    CommonSubexpressionEliminationPass()(ir_model)
+    onnxscript.optimizer.fold_constants(ir_model)
+    onnxscript.optimizer.remove_unused_nodes(ir_model)
 
 
 def _name_batch_axis(ir_model):
