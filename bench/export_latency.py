@@ -8,7 +8,7 @@
     python train_ast.py --run.name=r50_synthetic --run.epochs=6 --data.name=synthetic --data.loader=dataloader \
         --data.workers=8 --data.image_size=224 --data.num_classes=100 --data.train_samples=10240 \
         --data.test_samples=512 --model.name=resnet50 --ast.mode=full --loop.global_batch=256 --loop.precision=bf16 \
-        --optim.lr=0.2 --optim.warmup_steps=40
+        --optim.lr=0.1 --optim.warmup_steps=40
     python bench/export_latency.py --threads=16 --classifier_checkpoint runs/r50_synthetic
 
 Each model is saved the way its script saves it (a train_ast.py / train_dynvision.py checkpoint, an encode_stream.py
@@ -291,6 +291,9 @@ def main(argv=None):
                "int8_top1_agreement_resnet50": first.get("int8_top1_agreement"),
                "int8_vs_fp32_ort_speedup_b32_resnet50": first.get("int8_vs_fp32_ort_speedup_b32"),
                "classifier": first.get("model"), "classifier_source": args.classifier_checkpoint or "fitted (see doc)",
+               # an agreement means something only for a classifier that predicts many classes, mostly right
+               "classifier_accuracy_fp32": first.get("accuracy_fp32"),
+               "classifier_distinct_predictions": first.get("distinct_predictions"),
                "models": chosen, "eval_samples": {k: counts[k] for k in chosen},
                "threads": args.threads, "smoke": args.smoke, "bars": BARS, "device": device_name(args.threads)}
     if not args.smoke:
