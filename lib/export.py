@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from lib import checkpoint
 from lib.config import ConfigError, load_yaml, merge, to_dict
-from lib.data import IMAGEFOLDER_DEFAULT_SIZE, SYNTHETIC_DEFAULT_SIZE, DataConfig, build_data
+from lib.data import IMAGEFOLDER_DEFAULT_SIZE, DataConfig, build_data
+from lib.datasets import SYNTHETIC_DEFAULT_SIZE
 from lib.storage import sha256_file
 
 OPSET = 18
@@ -59,7 +60,7 @@ class ExportModel:
     quantization: str               # static (QDQ, calibrated: conv nets) | dynamic (Linear / attention)
     strict: bool = False            # torch.export through dynamo (strict) instead of non-strict tracing
     config: dict = field(default_factory=dict)   # the rebuilt model's config (plain data), for the metadata
-    tracing: Callable = contextlib.nullcontext  # context to trace the module in (see _dyrcnn_tracing)
+    tracing: Callable = contextlib.nullcontext  # context to trace the module in
     details: dict = field(default_factory=dict)  # extra metadata (unrolled steps, ...)
 
 
@@ -271,35 +272,8 @@ def _dyrcnn_build(source, data):
     wrapped = _Outputs(model, lambda logits: (logits[:, -1], logits))
     return ExportModel("dyrcnn", f"dyrcnn_{model_cfg.preset}", wrapped, (v1[1], size, size),
                        ["logits", "logits_per_step"], "logits", "static", strict=True, config=to_dict(model_cfg),
-                       tracing=_dyrcnn_tracing,
                        details={"unrolled_steps": steps, "stimulus_steps": model_cfg.n_timesteps,
                                 "residual_steps": model_cfg.residual(), "dt_ms": model_cfg.dt_ms})
-
-
-@contextlib.contextmanager
-def _dyrcnn_tracing():
-    """Per-step views of a block of n steps as unflatten + unbind instead of torch.split while tracing: split counts
-    its pieces as ceil(n*B / B), a guard torch.export cannot prove for every batch size B, so it fixes the batch
-    (blocks of n > 1 steps appear once recurrent_delay_steps > 1). Same values and the same single gradient per
-    block; a stop-gap until lib/dynvision.py's _Timeline.step does this itself."""
-    from lib import dynvision
-    original = dynvision._Timeline.step
-
-    def step(self, t):
-        block, i = self.entries[t]
-        if block.shape[0] == self.batch:
-            return block
-        cached = self._views.get(id(block))
-        if cached is None or cached[0] is not block:
-            cached = (block, block.unflatten(0, (-1, self.batch)).unbind(0))
-            self._views[id(block)] = cached
-        return cached[1][i]
-
-    dynvision._Timeline.step = step
-    try:
-        yield
-    finally:
-        dynvision._Timeline.step = original
 
 
 def _rvit_build(source, data):

@@ -34,7 +34,9 @@ class _Timeline:
             return block
         cached = self._views.get(id(block))
         if cached is None or cached[0] is not block:
-            cached = (block, torch.split(block, self.batch))
+            # (n*B, ...) -> n views of (B, ...); unflatten + unbind rather than split(B), whose piece count
+            # ceil(n*B / B) torch.export cannot prove for every batch size (it would fix the exported batch)
+            cached = (block, block.unflatten(0, (-1, self.batch)).unbind(0))
             self._views[id(block)] = cached
         return cached[1][i]
 
