@@ -12,9 +12,9 @@
     torchrun --nproc_per_node=8 encode_stream.py --config configs/encode_imagenet.yaml --data.root=/data/imagenet
     # killed or preempted? Run the same command again: finished chunks are kept, the rest is encoded
 
-The split is cut into chunks of encode.chunk_samples consecutive samples; a chunk is the unit of work, of output
+The samples are cut into chunks of encode.chunk_samples consecutive samples; a chunk is the unit of work, of output
 and of resume. Rank r encodes the unfinished chunks r, r + W, ... (W ranks) and writes each one as
-`chunks/chunk-000012.npz` (index, label, valid + one array per output) with a JSON marker holding its size and
+`chunks/chunk-000012.npz` (index, key, valid + one array per output) with a JSON marker holding its size and
 sha256, both via temp file + fsync + rename; a chunk without a matching marker does not exist. Host memory is
 bounded: finished chunks wait for the writer thread in a queue of encode.write_queue chunks. At the end rank 0
 joins the chunks into one .npy per output (written through a memory map, a chunk at a time), writes manifest.json
@@ -31,7 +31,10 @@ Outputs (encode.outputs) of model.name=rvit (lib/rvit.py): embedding (D) the fin
 model.name=trm (lib/trm.py, which says how each is computed): sketches (12, D), checksums (12, 32), children
 (12, 4, D), tokens (N, D). encode.compile=true runs torch.compile on fixed shapes.
 
-Without model.weights the encoder is randomly initialized: said at the start, in the summary and in manifest.json.
+A folder that holds outputs of another config (lib/run.py names the keys), other weights, another cache or
+another number of samples (encode_info.json: the weights file's sha256, the cache's settings fingerprint, the
+count) is refused with the reason. Without model.weights the encoder is randomly initialized: said at the start,
+in the summary and in manifest.json.
 A rerun of a finished encoding with encode.consolidate=false re-verifies every chunk and encodes corrupt ones
 again. The run folder, the config check, preemption and the storage report are lib/run.py's; the chunk store, its
 writer thread and the consolidation stay here with the loop they serve (hence a little over 500 lines).

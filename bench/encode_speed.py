@@ -191,7 +191,6 @@ def models_alone(cfg, model_cfg, device, dtype, out):
             rate = time_forward(forward, x, cfg, device)
             best[name] = max(best[name], rate)
             emit({"phase": name, "round": r, "samples_per_s": round(rate, 1), "batch": cfg.batch_size}, out)
-    del encoder, vit, vit_forward
     return best
 
 

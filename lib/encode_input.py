@@ -48,7 +48,7 @@ class CacheLoader:
         self.normalize = _Normalizer((255.0 * mean,) * channels, (255.0 * std,) * channels, self.device,
                                      channels_last)
         self.num_samples = len(cache)
-        cache.store  # the shard store is created lazily: here, before any reader thread needs it
+        self.store = cache.store  # created lazily by the cache: here, before any reader thread needs it
         self.set_epoch(0)
 
     def set_epoch(self, epoch, indices=None):
@@ -74,16 +74,14 @@ class CacheLoader:
         """Names of the shards holding `indices` (default: this epoch's) that are absent or not their marker's size."""
         index = self.indices if indices is None else torch.as_tensor(indices).long()
         shards = torch.unique(torch.div(index, self.cache.shard_size, rounding_mode="floor")).tolist()
-        store = self.cache.store
-        return [store.name(s) for s in shards if not store.present(s, verify=False)]
+        return [self.store.name(s) for s in shards if not self.store.present(s, verify=False)]
 
     def _read(self, shard):
         try:
             return self.cache.read_shard(shard)                            # uint8 (n, C, H, W), int64 (n,)
         except CacheMissError:
-            store = self.cache.store
-            name = store.name(shard)
-            if store.marker(shard) is not None and store.path(shard).exists():
+            name = self.store.name(shard)
+            if self.store.marker(shard) is not None and self.store.path(shard).exists():
                 why = "fails its checksum (its bytes differ from its marker's sha256)"
             else:
                 why = "is missing (evicted under the cache's size cap, or never rendered)"

@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import signal
-
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +135,16 @@ def test_resume_refuses_another_configuration_and_resume_none(tmp_path):
         run(make_cfg(tmp_path, "a", encode={"outputs": ["embedding"], "limit": 100}, model={"loops": 3}))
     with pytest.raises(ConfigError, match="run.resume=none"):
         run(make_cfg(tmp_path, "a", encode={"outputs": ["embedding"], "limit": 100}, run={"resume": "none"}))
+    # the same weights path with other content: refused by encode_info.json's sha256 of the weights
+    weights = tmp_path / "w.pt"
+    small = make_cfg(tmp_path, "w", encode={"outputs": ["embedding"], "limit": 64})
+    torch.save(encode_stream.load_encoder(small.model, 1, seed=0).state_dict(), weights)
+    with_weights = make_cfg(tmp_path, "w", encode={"outputs": ["embedding"], "limit": 64},
+                            model={"weights": str(weights)})
+    assert not run(with_weights)["random_weights"]
+    torch.save(encode_stream.load_encoder(small.model, 1, seed=1).state_dict(), weights)
+    with pytest.raises(ConfigError, match="weights_sha256"):
+        run(with_weights)
 
 
 @pytest.mark.parametrize("section, updates, words", [
@@ -236,8 +245,10 @@ def test_trm_outputs_have_the_stated_shapes_and_parameter_count():
     assert {k: tuple(v.shape) for k, v in out.items()} == {
         "sketches": (2, 12, 768), "checksums": (2, 12, 32), "children": (2, 12, 4, 768), "tokens": (2, 196, 768)}
     assert {k: (2, *v) for k, v in model.output_shapes().items()} == {k: tuple(v.shape) for k, v in out.items()}
-    assert sum(p.numel() for p in model.parameters()) == 14_987_552  # the number lib/trm.py states
+    assert sum(p.numel() for p in model.parameters()) == 14_987_552  # the numbers lib/trm.py states
     assert cfg.layer_applications() == 16
+    from lib.encoder import forward_flops
+    assert forward_flops(lambda: CapsuleTRM(cfg), (1, 3, 224, 224), OUTPUTS[:3]) == 46_548_664_320
 
 
 def test_trm_same_seed_same_bytes():
@@ -391,7 +402,7 @@ def test_cache_outputs_equal_a_plain_forward_and_kill9_resume_is_byte_identical(
 def test_a_corrupt_or_missing_cache_shard_is_named_and_not_encoded(tmp_path, tiny_cache, cache_reference):
     import shutil
 
-    import build_cache  # noqa: F401 (the same import the fix below runs)
+    import build_cache
     from lib.textcache import CacheMissError
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)
