@@ -92,11 +92,13 @@ class RunConfig:
 @dataclass
 class EncodeConfig:
     split: str = "test"             # test (imagefolder: val/) | train (read in order, no augmentation)
-    outputs: list[str] = field(default_factory=lambda: ["embedding"])  # embedding | loop_embeddings | tokens
+    outputs: list[str] = field(default_factory=lambda: ["embedding"])  # rvit: embedding | loop_embeddings |
+                                    # tokens; trm: sketches | checksums | children | tokens
     batch_size: int = 256           # images per forward (halved on out-of-memory, for this run)
     chunk_samples: int = 4096       # samples per chunk file: the unit of work, of resume and of lost work
     store_dtype: str = "float16"    # float16 | float32 on disk
-    precision: str = "auto"         # compute: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"         # compute: auto (bf16 on CUDA, fp16 on GPUs without bf16 such as a T4, fp32
+                                    # on CPU) | bf16 | fp16 | fp32
     write_queue: int = 2            # finished chunks waiting for the writer thread
     max_host_gb: float = 8.0        # refuse settings whose chunk buffers would need more host RAM than this
     limit: int = 0                  # encode only the first `limit` samples of the split (0 = all)
@@ -108,7 +110,7 @@ class EncodeConfig:
 class CacheInputConfig:
     dir: str = ""                   # a build_cache.py cache folder to encode instead of data.* ("" = data.*)
     mean: float = 0.5               # the uint8 images are normalized as (x / 255 - mean) / std: 0.5 / 0.5 -> -1..1
-    std: float = 0.5
+    std: float = 0.5                # (grayscale caches are replicated to the encoder's 3 channels)
     readers: int = 2                # threads reading and decoding whole shards
     prefetch: int = 4               # shards read ahead of the encoder
 

@@ -234,8 +234,6 @@ def main(cfg):
     root = Path(cfg.root or ("/tmp/frugal_encode_speed" + ("_smoke" if cfg.smoke else "")))
     shutil.rmtree(root, ignore_errors=True)
     (root / "out").mkdir(parents=True)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     dtype = autocast_dtype(cfg.precision, device)
     model = SMOKE_MODEL if cfg.smoke else PLAN_MODEL
     model_cfg = merge(EncoderConfig(), model)

@@ -8,8 +8,9 @@
     encoder = Encoder(model, ("sketches", "checksums", "children"), device, autocast_dtype("auto", device), 192)
     out = encoder(images)                          # {name: (B, ...)}, under inference_mode and autocast
 
-One flat config for both (the keys of the other model are ignored), so that the existing configs and resumed
-runs of the RViT keep their keys; model.name defaults to rvit for the same reason.
+One flat config for both (the other model's keys are ignored by the model, though a resumed run must still match
+them), so that the existing configs and run folders of the RViT keep their keys; model.name defaults to rvit for
+the same reason: a folder written before model.name existed resumes as the RViT it holds.
 """
 import dataclasses
 from dataclasses import dataclass
