@@ -37,7 +37,7 @@ count) is refused with the reason. Without model.weights the encoder is randomly
 in the summary and in manifest.json.
 A rerun of a finished encoding with encode.consolidate=false re-verifies every chunk and encodes corrupt ones
 again. The run folder, the config check, preemption and the storage report are lib/run.py's; the chunk store, its
-writer thread and the consolidation stay here with the loop they serve (hence a little over 500 lines).
+writer thread, the copy off the GPU and the consolidation stay here with the loop they serve (hence over 500 lines).
 """
 import errno
 import hashlib
@@ -198,7 +198,10 @@ class ChunkStore:
 
 
 class ChunkWriter:
-    """A thread that writes finished chunks; `put` blocks while `depth` chunks wait (bounded host memory)."""
+    """A thread that writes finished chunks; `put` blocks while `depth` chunks wait (bounded host memory).
+
+    A chunk arrives as a function giving (arrays, meta) (finish_chunk): the wait for its copies off the GPU and its
+    host-side checks happen here, not in the loop."""
 
     def __init__(self, store, depth, on_written):
         self.store, self.on_written = store, on_written
@@ -214,14 +217,15 @@ class ChunkWriter:
                 return
             if self.error is None:  # after a failure, drain without writing so that put() never blocks
                 try:
-                    chunk, arrays, meta = item
+                    chunk, arrays_and_meta = item
+                    arrays, meta = arrays_and_meta()
                     self.on_written(chunk, self.store.write(chunk, arrays, meta), meta)
                 except BaseException as e:
                     self.error = e
 
-    def put(self, chunk, arrays, meta):
+    def put(self, chunk, arrays_and_meta):
         self._raise()
-        self.queue.put((chunk, arrays, meta))
+        self.queue.put((chunk, arrays_and_meta))
 
     def close(self):
         """Wait until every queued chunk is written; re-raise a write error."""
@@ -478,8 +482,7 @@ def encode_chunks(cfg, run, encoder, source, store, chunks, mine, store_dtype):
                 pos += take
                 filled += take
                 if filled == end - start:
-                    arrays, meta = finish_chunk(pending, key, start, end, store_dtype)
-                    writer.put(mine[slot], arrays, meta)
+                    writer.put(mine[slot], finish_chunk(pending, key, start, end, store_dtype))
                     pending = {k: [] for k in pending}
                     filled, slot = 0, slot + 1
             bar.update(len(index))
@@ -514,24 +517,45 @@ def combine_ranks(run, chunks, mine, written, seconds, done_before, weights):
 
 
 def finish_chunk(pending, key, start, end, store_dtype):
-    """One chunk's arrays on the host: outputs cast to the stored dtype, rows checked against the expected indices."""
-    out = {k: torch.cat(v) for k, v in pending.items()}
-    index = out.pop("index").cpu().numpy()
-    expected = np.arange(start, end)
-    valid = index == expected  # a skipped unreadable file was replaced by another sample: not this row's image
+    """One chunk's rows on their way to the host: cast to the stored dtype and copied off the GPU asynchronously
+    (into pinned memory), so the loop goes on without a host sync. Returns a function, run by the writer thread,
+    that waits for the copies and gives (arrays, meta), the rows checked against the expected indices."""
     torch_dtype = torch.float16 if store_dtype == np.float16 else torch.float32
-    arrays = {"index": expected, key: out.pop(key).cpu().numpy().astype(np.int64), "valid": valid}
-    nonfinite = np.zeros(end - start, dtype=bool)
-    for k, v in out.items():
-        v = v.to(torch_dtype)
-        bad = ~torch.isfinite(v).flatten(1).all(1)
-        values = v.cpu().numpy()
-        values[~valid] = 0
-        nonfinite |= bad.cpu().numpy()
-        arrays[k] = values
-    meta = {"start": start, "end": end, "samples": end - start, "invalid_rows": int((~valid).sum()),
-            "nonfinite_rows": int(nonfinite.sum())}
-    return arrays, meta
+    out = {k: torch.cat(v) for k, v in pending.items()}
+    nonfinite = None
+    for k in [k for k in out if k not in ("index", key)]:
+        out[k] = out[k].to(torch_dtype)
+        bad = ~torch.isfinite(out[k]).flatten(1).all(1)
+        nonfinite = bad if nonfinite is None else nonfinite | bad
+    host = {k: to_host(v) for k, v in {**out, "nonfinite": nonfinite}.items()}
+    copied = None
+    if nonfinite.is_cuda:
+        copied = torch.cuda.Event()
+        copied.record()
+
+    def arrays_and_meta():
+        if copied is not None:
+            copied.synchronize()
+        expected = np.arange(start, end)
+        valid = host.pop("index").numpy() == expected  # a skipped unreadable file was replaced: not this row's image
+        arrays = {"index": expected, key: host.pop(key).numpy().astype(np.int64), "valid": valid}
+        bad_rows = host.pop("nonfinite").numpy()
+        for k, v in host.items():
+            values = v.numpy()
+            values[~valid] = 0
+            arrays[k] = values
+        meta = {"start": start, "end": end, "samples": end - start, "invalid_rows": int((~valid).sum()),
+                "nonfinite_rows": int(bad_rows.sum())}
+        return arrays, meta
+
+    return arrays_and_meta
+
+
+def to_host(tensor):
+    """A CPU tensor as it is; a GPU tensor copied into pinned host memory without waiting (non_blocking)."""
+    if not tensor.is_cuda:
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- main

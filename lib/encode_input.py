@@ -59,15 +59,16 @@ class CacheLoader:
         return -(-len(self.indices) // self.batch_size)
 
     def _segments(self):
-        """[(shard, positions in it, indices)]: maximal runs of consecutive indices that lie in one shard."""
+        """[(shard, first position in it, indices)]: maximal runs of consecutive indices inside one shard (each run
+        is a slice of its shard: no gather)."""
         shards = torch.div(self.indices, self.cache.shard_size, rounding_mode="floor")
-        cuts = (torch.nonzero(shards[1:] != shards[:-1]).flatten() + 1).tolist()
+        breaks = (shards[1:] != shards[:-1]) | (self.indices[1:] != self.indices[:-1] + 1)
+        cuts = (torch.nonzero(breaks).flatten() + 1).tolist()
         out = []
         for lo, hi in zip([0, *cuts], [*cuts, len(shards)]):
             if hi > lo:
                 shard = int(shards[lo])
-                index = self.indices[lo:hi]
-                out.append((shard, index - shard * self.cache.shard_size, index))
+                out.append((shard, int(self.indices[lo]) - shard * self.cache.shard_size, self.indices[lo:hi]))
         return out
 
     def missing_shards(self, indices=None):
@@ -89,10 +90,12 @@ class CacheLoader:
                                  f"encoded; {FIX}") from None
 
     def _batch(self, pieces):
-        images = torch.cat([p[0] for p in pieces])                         # uint8 (B, C, H, W)
-        if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        b = len(images)
+        b = sum(len(p[0]) for p in pieces)
+        cuda = self.device.type == "cuda"
+        images = torch.empty((b, *pieces[0][0].shape[1:]), dtype=torch.uint8, pin_memory=cuda)  # (B, C, H, W)
+        torch.cat([p[0] for p in pieces], out=images)                     # the one host copy
+        if cuda:
+            images = images.to(self.device, non_blocking=True)
         images = self.normalize.into_format(images.expand(b, self.channels, self.height, self.width))
         return images, torch.cat([p[1] for p in pieces]), torch.cat([p[2] for p in pieces])
 
@@ -112,7 +115,7 @@ class CacheLoader:
             refill()
             current, data = None, None
             pieces, filled = [], 0
-            for shard, positions, index in segments:
+            for shard, first, index in segments:
                 if shard != current:
                     current, future = ahead.popleft()
                     data = future.result()
@@ -121,7 +124,7 @@ class CacheLoader:
                 start = 0
                 while start < len(index):  # a segment may end one batch and start the next
                     take = min(len(index) - start, self.batch_size - filled)
-                    part = positions[start:start + take]
+                    part = slice(first + start, first + start + take)
                     pieces.append((images[part], ids[part], index[start:start + take]))
                     filled, start = filled + take, start + take
                     if filled == self.batch_size:

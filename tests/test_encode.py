@@ -347,6 +347,21 @@ def cache_reference(tiny_cache, tmp_path_factory):
     return cfg, result, outputs(cfg)
 
 
+def test_cache_loader_reads_any_order_across_shards_and_batches(tiny_cache):
+    from lib.encode_input import CacheLoader
+    from lib.textreader import TextImageCache
+    ds = TextImageCache(tiny_cache, on_missing="error")
+    loader = CacheLoader(ds, batch_size=24, device="cpu", readers=2, prefetch=2)
+    order = torch.cat([torch.arange(10, 70), torch.arange(100, 130), torch.tensor([5, 4, 3]), torch.arange(500, 512)])
+    loader.set_epoch(0, indices=order)
+    batches = list(loader)
+    assert [len(b[0]) for b in batches] == [24, 24, 24, 24, 9] == [24] * (len(loader) - 1) + [9]
+    images, ids, index = (torch.cat(parts) for parts in zip(*batches))
+    assert torch.equal(index, order) and torch.equal(ids, torch.as_tensor(ds.sample_ids)[order])
+    expected = torch.stack([ds[i][0] for i in order.tolist()]).float().div(255).sub(0.5).div(0.5)
+    torch.testing.assert_close(images, expected.expand(-1, 3, -1, -1), rtol=0, atol=1e-6)
+
+
 def test_cache_outputs_equal_a_plain_forward_and_kill9_resume_is_byte_identical(tmp_path, tiny_cache,
                                                                                  cache_reference):
     import time
