@@ -1,7 +1,10 @@
-"""Stream a dataset through a recursive vision transformer and write its per-sample outputs to disk.
+"""Stream a dataset or a text-image cache through a recursive vision transformer; per-sample outputs to disk.
 
     # CPU, seconds: scikit-learn digits through a tiny RViT, embeddings in runs/encode/
     python encode_stream.py
+    # the plan's encoder (lib/trm.py: TRM cycles, 12 capsules) over a build_cache.py cache, sketches + checksums +
+    # children as fp16 (build the cache first: python build_cache.py --config configs/cache_default.yaml)
+    python encode_stream.py --config configs/encode_text_cache.yaml --cache.dir=runs/textcache/cache
     # one GPU, an ImageNet folder (train/ and val/ inside data.root), RViT-B/16 from a local weights file
     python encode_stream.py --config configs/encode_imagenet.yaml --data.root=/data/imagenet \\
         --model.weights=/ckpt/rvit_b16.pt
@@ -9,21 +12,32 @@
     torchrun --nproc_per_node=8 encode_stream.py --config configs/encode_imagenet.yaml --data.root=/data/imagenet
     # killed or preempted? Run the same command again: finished chunks are kept, the rest is encoded
 
-The split is cut into chunks of encode.chunk_samples consecutive samples; a chunk is the unit of work, of output
+The samples are cut into chunks of encode.chunk_samples consecutive samples; a chunk is the unit of work, of output
 and of resume. Rank r encodes the unfinished chunks r, r + W, ... (W ranks) and writes each one as
-`chunks/chunk-000012.npz` (index, label, valid + one array per output) with a JSON marker holding its size and
+`chunks/chunk-000012.npz` (index, key, valid + one array per output) with a JSON marker holding its size and
 sha256, both via temp file + fsync + rename; a chunk without a matching marker does not exist. Host memory is
 bounded: finished chunks wait for the writer thread in a queue of encode.write_queue chunks. At the end rank 0
 joins the chunks into one .npy per output (written through a memory map, a chunk at a time), writes manifest.json
 and removes the chunks. Read the result with `read_outputs(run_dir)`.
 
-Outputs (encode.outputs): embedding (D) the final class token; loop_embeddings (loops, D) the class token after
-each loop of the shared blocks; tokens (N, D) the final patch tokens (large: N x D values per sample).
+Input: data.* (any lib/data dataset, split encode.split, read in order) or, with cache.dir set, a build_cache.py
+cache in sample order (lib/encode_input.py: whole shards read ahead by threads; grayscale images replicated to 3
+channels and normalized on the device as (x / 255 - cache.mean) / cache.std). A cache shard that is missing or fails
+its checksum is named in an error and not encoded (the chunks finished before are kept). The per-sample key column
+is `label` for a dataset and `sample_id` (the input line the text came from) for a cache.
 
-Without model.weights the encoder is randomly initialized: said at the start, in the summary and in manifest.json.
+Outputs (encode.outputs) of model.name=rvit (lib/rvit.py): embedding (D) the final class token; loop_embeddings
+(loops, D) the class token after each loop of the shared blocks; tokens (N, D) the final patch tokens. Of
+model.name=trm (lib/trm.py, which says how each is computed): sketches (12, D), checksums (12, 32), children
+(12, 4, D), tokens (N, D). encode.compile=true runs torch.compile on fixed shapes.
+
+A folder that holds outputs of another config (lib/run.py names the keys), other weights, another cache or
+another number of samples (encode_info.json: the weights file's sha256, the cache's settings fingerprint, the
+count) is refused with the reason. Without model.weights the encoder is randomly initialized: said at the start,
+in the summary and in manifest.json.
 A rerun of a finished encoding with encode.consolidate=false re-verifies every chunk and encodes corrupt ones
 again. The run folder, the config check, preemption and the storage report are lib/run.py's; the chunk store, its
-writer thread and the consolidation stay here with the loop they serve (hence a little over 500 lines).
+writer thread, the copy off the GPU and the consolidation stay here with the loop they serve (hence over 500 lines).
 """
 import errno
 import hashlib
@@ -42,12 +56,12 @@ import torch
 from tqdm import tqdm
 
 from lib import dist
-from lib.config import ConfigError, to_dict
-from lib.data import DataConfig, build_data, in_order
-from lib.models import load_weights
+from lib.config import ConfigError
+from lib.data import DataConfig
+from lib.encode_input import check_cache_shards, open_source
+from lib.encoder import Encoder, EncoderConfig, autocast_dtype, load_encoder
 from lib.run import MAY_CHANGE as RUN_MAY_CHANGE
 from lib.run import Run, config_differences, run_script
-from lib.rvit import OUTPUTS, RecursiveViT, RViTConfig
 from lib.storage import (StorageError, atomic_write_bytes, atomic_write_json, check_free_space, disk_full_error,
                          format_bytes, fsync_dir, sha256_file)
 
@@ -58,7 +72,8 @@ MANIFEST_FORMAT = "frugal-encode-1"
 # the run that wrote the chunks already there, or its outputs would mix two encoders)
 MAY_CHANGE = RUN_MAY_CHANGE + ("data.loader", "data.resident_max_gb", "data.max_skipped_fraction",
                                "data.channels_last", "encode.batch_size", "encode.write_queue", "encode.max_host_gb",
-                               "encode.consolidate")
+                               "encode.consolidate", "encode.compile", "cache.readers", "cache.prefetch",
+                               "cache.dir")  # cache.dir: the cache's content is checked by its fingerprint
 WORK = ("chunks/chunk-*.json", "manifest.json")  # what makes a folder hold an encoding
 RANDOM_WEIGHTS = ("model.weights is empty: the encoder is RANDOMLY INITIALIZED (seed run.seed), so these outputs are "
                   "not features of a trained model; set --model.weights=/path/to/state_dict.pt")
@@ -77,31 +92,46 @@ class RunConfig:
 @dataclass
 class EncodeConfig:
     split: str = "test"             # test (imagefolder: val/) | train (read in order, no augmentation)
-    outputs: list[str] = field(default_factory=lambda: ["embedding"])  # embedding | loop_embeddings | tokens
+    outputs: list[str] = field(default_factory=lambda: ["embedding"])  # rvit: embedding | loop_embeddings |
+                                    # tokens; trm: sketches | checksums | children | tokens
     batch_size: int = 256           # images per forward (halved on out-of-memory, for this run)
     chunk_samples: int = 4096       # samples per chunk file: the unit of work, of resume and of lost work
     store_dtype: str = "float16"    # float16 | float32 on disk
-    precision: str = "auto"         # compute: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"         # compute: auto (bf16 on CUDA, fp16 on GPUs without bf16 such as a T4, fp32
+                                    # on CPU) | bf16 | fp16 | fp32
     write_queue: int = 2            # finished chunks waiting for the writer thread
     max_host_gb: float = 8.0        # refuse settings whose chunk buffers would need more host RAM than this
     limit: int = 0                  # encode only the first `limit` samples of the split (0 = all)
     consolidate: bool = True        # at the end: one .npy per output, chunks removed
+    compile: bool = False           # torch.compile the encoder (fixed shapes; speed only)
+
+
+@dataclass
+class CacheInputConfig:
+    dir: str = ""                   # a build_cache.py cache folder to encode instead of data.* ("" = data.*)
+    mean: float = 0.5               # the uint8 images are normalized as (x / 255 - mean) / std: 0.5 / 0.5 -> -1..1
+    std: float = 0.5                # (grayscale caches are replicated to the encoder's 3 channels)
+    readers: int = 2                # threads reading and decoding whole shards
+    prefetch: int = 4               # shards read ahead of the encoder
 
 
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(augment=False))
-    model: RViTConfig = field(default_factory=RViTConfig)
+    model: EncoderConfig = field(default_factory=EncoderConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    cache: CacheInputConfig = field(default_factory=CacheInputConfig)
 
     def validate(self):
-        e = self.encode
+        e, names = self.encode, self.model.outputs()
         if e.split not in ("train", "test"):
             raise ConfigError(f"encode.split must be train or test, got '{e.split}'")
-        if not e.outputs or any(o not in OUTPUTS for o in e.outputs) or len(set(e.outputs)) != len(e.outputs):
-            raise ConfigError(f"encode.outputs must list distinct names out of {', '.join(OUTPUTS)}; "
-                              f"got {e.outputs}")
+        if not e.outputs or any(o not in names for o in e.outputs) or len(set(e.outputs)) != len(e.outputs):
+            raise ConfigError(f"encode.outputs must list distinct names out of {', '.join(names)} (the outputs of "
+                              f"model.name={self.model.name}); got {e.outputs}")
+        if self.cache.std <= 0 or self.cache.readers < 1 or self.cache.prefetch < 1:
+            raise ConfigError("cache.std must be > 0 and cache.readers, cache.prefetch >= 1")
         if e.store_dtype not in STORE_DTYPES:
             raise ConfigError(f"encode.store_dtype must be one of {', '.join(STORE_DTYPES)}, got '{e.store_dtype}'")
         if e.precision not in PRECISIONS:
@@ -111,7 +141,7 @@ class Config:
                               "encode.limit >= 0")
         if self.run.resume not in ("auto", "none"):
             raise ConfigError(f"run.resume must be auto or none, got '{self.run.resume}'")
-        if self.data.image_size and self.data.image_size != self.model.image_size:
+        if not self.cache.dir and self.data.image_size and self.data.image_size != self.model.image_size:
             raise ConfigError(f"data.image_size={self.data.image_size} differs from model.image_size="
                               f"{self.model.image_size}; set one of them (data.image_size=0 follows the model)")
 
@@ -140,7 +170,7 @@ class ChunkStore:
         """Write the arrays as one .npz, then its marker; both atomic and fsynced. Returns the bytes written."""
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        data = buf.getvalue()
+        data = buf.getbuffer()  # a view, not a copy (a chunk of the plan's outputs is 285 MB)
         path, marker = self.paths(chunk)
         try:
             atomic_write_bytes(path, data)
@@ -168,7 +198,10 @@ class ChunkStore:
 
 
 class ChunkWriter:
-    """A thread that writes finished chunks; `put` blocks while `depth` chunks wait (bounded host memory)."""
+    """A thread that writes finished chunks; `put` blocks while `depth` chunks wait (bounded host memory).
+
+    A chunk arrives as a function giving (arrays, meta) (finish_chunk): the wait for its copies off the GPU and its
+    host-side checks happen here, not in the loop."""
 
     def __init__(self, store, depth, on_written):
         self.store, self.on_written = store, on_written
@@ -184,14 +217,15 @@ class ChunkWriter:
                 return
             if self.error is None:  # after a failure, drain without writing so that put() never blocks
                 try:
-                    chunk, arrays, meta = item
+                    chunk, arrays_and_meta = item
+                    arrays, meta = arrays_and_meta()
                     self.on_written(chunk, self.store.write(chunk, arrays, meta), meta)
                 except BaseException as e:
                     self.error = e
 
-    def put(self, chunk, arrays, meta):
+    def put(self, chunk, arrays_and_meta):
         self._raise()
-        self.queue.put((chunk, arrays, meta))
+        self.queue.put((chunk, arrays_and_meta))
 
     def close(self):
         """Wait until every queued chunk is written; re-raise a write error."""
@@ -210,54 +244,11 @@ def chunk_ranges(num_samples, chunk_samples):
     return [(s, min(s + chunk_samples, num_samples)) for s in range(0, num_samples, chunk_samples)]
 
 
-def facts(cfg, num_samples):
-    """What the outputs depend on beyond the config: the weights file's content and the number of samples."""
+def facts(cfg, num_samples, identity="data"):
+    """What the outputs depend on beyond the config: the weights file's content, the samples' source, their count."""
     weights = cfg.model.weights
-    return {"weights_sha256": sha256_file(weights) if weights else "", "num_samples": num_samples}
-
-
-def load_encoder(cfg, in_channels, seed=0):
-    """RecursiveViT from a local state_dict (every key must match) or from random init seeded by `seed` alone, so
-    that every rank holds the same encoder."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = RecursiveViT(cfg, in_channels)
-    if cfg.weights:
-        load_weights(model, cfg.weights, strict=True)
-    return model
-
-
-def autocast_dtype(precision, device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-class Encoder:
-    """model forward under autocast, in micro-batches that halve after an out-of-memory error."""
-
-    def __init__(self, model, outputs, device, dtype, micro_batch):
-        self.model, self.outputs, self.device, self.dtype = model, tuple(outputs), device, dtype
-        self.micro_batch = micro_batch
-
-    @torch.inference_mode()
-    def __call__(self, images):
-        while True:
-            try:
-                parts = []
-                for start in range(0, len(images), self.micro_batch):
-                    with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
-                                        enabled=self.dtype is not None):
-                        parts.append(self.model(images[start:start + self.micro_batch], self.outputs))
-                return {k: torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]
-                        for k in self.outputs}
-            except torch.OutOfMemoryError:
-                if self.micro_batch == 1:
-                    raise
-                self.micro_batch //= 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                print(f"[encode] out of memory: micro-batch halved to {self.micro_batch}", flush=True)
+    return {"weights_sha256": sha256_file(weights) if weights else "", "num_samples": num_samples,
+            "source": identity}
 
 
 def read_outputs(run_dir, mmap=True):
@@ -311,19 +302,14 @@ def consolidate(store, run_dir, num_chunks, shapes, dtypes, num_samples):
 def encode(cfg, run):
     """Encode this rank's unfinished chunks; rank 0 then consolidates. Returns this invocation's numbers."""
     info, e = run.info, cfg.encode
-    # ---- build: the split in order, its chunks, what the folder holds already
-    data_cfg = DataConfig(**{**to_dict(cfg.data), "augment": False, "resize_schedule": {},
-                             "image_size": cfg.model.image_size})
-    data = build_data(data_cfg, info.device, batch_size=e.batch_size, seed=cfg.run.seed)  # all ranks, unsharded
-    loader = in_order(data.train if e.split == "train" else data.test)
-    num_samples = data.num_train if e.split == "train" else data.num_test
-    if e.limit:
-        num_samples = min(num_samples, e.limit)
+    # ---- build: the samples in order, their chunks, what the folder holds already
+    source = open_source(cfg, info.device)
+    num_samples = min(source.num_samples, e.limit) if e.limit else source.num_samples
     chunks = chunk_ranges(num_samples, e.chunk_samples)
     if not cfg.model.weights:
         run.say(f"[encode] WARNING: {RANDOM_WEIGHTS}")
     manifest_path = run.dir / "manifest.json"
-    check_folder(cfg, run, num_samples)
+    check_folder(cfg, run, num_samples, source.identity)
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if manifest is not None and manifest["consolidated"]:
         return nothing_to_do(run, num_samples)
@@ -338,8 +324,9 @@ def encode(cfg, run):
     remaining = [c for c in range(len(chunks)) if not done[c]]
     mine = remaining[info.rank::info.world_size]
 
-    # ---- memory and disk, before any work
-    model = load_encoder(cfg.model, data.in_channels, cfg.run.seed).to(info.device).eval()
+    # ---- memory, disk and the cache's shards, before any work
+    check_cache_shards(cfg, source, chunks, mine)
+    model = load_encoder(cfg.model, source.in_channels, cfg.run.seed).to(info.device).eval()
     shapes = {k: v for k, v in model.output_shapes().items() if k in e.outputs}
     store_dtype = STORE_DTYPES[e.store_dtype]
     row_bytes = sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(store_dtype).itemsize + 17
@@ -352,38 +339,24 @@ def encode(cfg, run):
     if e.consolidate and dist.is_main():
         need += row_bytes * num_samples
     check_free_space(run.dir, need, "encoded outputs", "point run.out_dir to a larger disk or set encode.limit")
-    run.say(f"[encode] {num_samples} samples of the {e.split} split in {len(chunks)} chunks "
-            f"({len(chunks) - len(remaining)} done before); {info.world_size} rank(s); outputs "
-            f"{', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())} as {e.store_dtype}, "
+    run.say(f"[encode] {num_samples} samples of {source.what} in {len(chunks)} chunks "
+            f"({len(chunks) - len(remaining)} done before); {cfg.model.name} encoder; {info.world_size} rank(s); "
+            f"outputs {', '.join(f'{k} {tuple(v)}' for k, v in shapes.items())} as {e.store_dtype}, "
             f"{format_bytes(row_bytes * num_samples)} in all")
 
     # ---- the loop (no communication between ranks), then the numbers of all ranks
-    encoder = Encoder(model, e.outputs, info.device, autocast_dtype(e.precision, info.device), e.batch_size)
-    written, seconds = encode_chunks(cfg, run, encoder, loader, store, chunks, mine, store_dtype, data.in_channels)
+    encoder = Encoder(model, e.outputs, info.device, autocast_dtype(e.precision, info.device), e.batch_size,
+                      compile=e.compile)
+    written, seconds = encode_chunks(cfg, run, encoder, source, store, chunks, mine, store_dtype)
     result = combine_ranks(run, chunks, mine, written, seconds, len(chunks) - len(remaining), cfg.model.weights)
+    result["bytes_per_sample"] = row_bytes  # the outputs + index, key and valid: one row on disk
     if result.pop("stopped"):
         run.preempted(result=result)  # exit 0; the verified chunks are kept for the rerun
 
     # ---- summary: rank 0 joins the chunks and writes the manifest
     dist.barrier()
     if dist.is_main():
-        missing = [c for c in range(len(chunks)) if not store.paths(c)[1].exists()]
-        if missing:
-            raise StorageError(errno.ENOENT, f"{len(missing)} chunk(s) are missing (first {missing[:5]}): a rank "
-                                             f"failed; run the same command again to encode them")
-        dtypes = {k: store_dtype for k in shapes}
-        dtypes.update(index=np.int64, label=np.int64, valid=np.bool_)
-        manifest = {"format": MANIFEST_FORMAT, "num_samples": num_samples, "chunks": len(chunks), "split": e.split,
-                    "outputs": list(e.outputs), "consolidated": e.consolidate, "classes": data.classes,
-                    "weights": cfg.model.weights, "random_weights": not cfg.model.weights}
-        if not cfg.model.weights:
-            manifest["warning"] = RANDOM_WEIGHTS
-        if e.consolidate:
-            manifest["files"] = consolidate(store, run.dir, len(chunks), dict(shapes, index=(), label=(), valid=()),
-                                            dtypes, num_samples)
-        atomic_write_json(manifest_path, manifest)  # the encoding exists from here on
-        if e.consolidate:
-            shutil.rmtree(store.folder)
+        write_manifest(cfg, run, source, store, chunks, shapes, num_samples)
         bad = [f"{result['invalid_rows']} unreadable sample(s) (valid=False, zeros)" if result["invalid_rows"] else "",
                f"{result['nonfinite_rows']} row(s) with inf/nan in {e.store_dtype}" if result["nonfinite_rows"] else "",
                f"WARNING: {RANDOM_WEIGHTS}" if not cfg.model.weights else ""]
@@ -394,19 +367,44 @@ def encode(cfg, run):
     return run.finish(result, did_work=result["samples"] > 0)
 
 
-def check_folder(cfg, run, num_samples):
-    """Refuse a folder whose outputs came from other weights or another split size, or resume=none on a used one.
+def write_manifest(cfg, run, source, store, chunks, shapes, num_samples):
+    """Rank 0, every chunk written: join them into one .npy per array (encode.consolidate), then manifest.json."""
+    e = cfg.encode
+    missing = [c for c in range(len(chunks)) if not store.paths(c)[1].exists()]
+    if missing:
+        raise StorageError(errno.ENOENT, f"{len(missing)} chunk(s) are missing (first {missing[:5]}): a rank "
+                                         f"failed; run the same command again to encode them")
+    dtypes = {k: STORE_DTYPES[e.store_dtype] for k in shapes}
+    dtypes.update({"index": np.int64, source.key: np.int64, "valid": np.bool_})
+    manifest = {"format": MANIFEST_FORMAT, "num_samples": num_samples, "chunks": len(chunks),
+                "split": "cache" if cfg.cache.dir else e.split, "model": cfg.model.name, "outputs": list(e.outputs),
+                "key": source.key, "consolidated": e.consolidate, "classes": source.classes,
+                "weights": cfg.model.weights, "random_weights": not cfg.model.weights, "source": source.identity}
+    if cfg.cache.dir:
+        manifest["cache"] = cfg.cache.dir
+    if not cfg.model.weights:
+        manifest["warning"] = RANDOM_WEIGHTS
+    if e.consolidate:
+        manifest["files"] = consolidate(store, run.dir, len(chunks), {**shapes, "index": (), source.key: (),
+                                                                      "valid": ()}, dtypes, num_samples)
+    atomic_write_json(run.dir / "manifest.json", manifest)  # the encoding exists from here on
+    if e.consolidate:
+        shutil.rmtree(store.folder)
 
-    (Run already refused one written with another config.) encode_info.json records these facts for the rerun.
+
+def check_folder(cfg, run, num_samples, identity):
+    """Refuse a folder whose outputs came from other weights, another cache or split size, or resume=none on a used
+    one. (Run already refused one written with another config.) encode_info.json records these facts for the rerun.
     """
     info_path = run.dir / "encode_info.json"
-    expected = facts(cfg, num_samples)
+    expected = facts(cfg, num_samples, identity)
     used = any(any(run.dir.glob(pattern)) for pattern in WORK)
     if used and cfg.run.resume == "none":
         raise ConfigError(f"{run.dir} already holds an encoding (run.resume=none refuses to touch it); use "
                           f"another run.name, or run.resume=auto to continue it")
     if used and info_path.is_file():
-        diffs = config_differences(json.loads(info_path.read_text()), expected)
+        saved = {"source": "data", **json.loads(info_path.read_text())}  # written before caches: a dataset
+        diffs = config_differences(saved, expected)
         if diffs:
             raise ConfigError(f"{run.dir} holds outputs of another configuration ({'; '.join(diffs)}); use another "
                               f"run.name, or delete the folder to start over")
@@ -441,10 +439,10 @@ def verified_chunks(store, num_chunks, info):
     return done
 
 
-def encode_chunks(cfg, run, encoder, loader, store, chunks, mine, store_dtype, in_channels):
+def encode_chunks(cfg, run, encoder, source, store, chunks, mine, store_dtype):
     """The hot loop: batches in order -> outputs -> this rank's chunks -> the writer thread. Stops at a batch
     boundary on a preemption signal. Returns (counts of what was written, seconds)."""
-    e = cfg.encode
+    e, loader, key = cfg.encode, source.loader, source.key
     written = {"chunks": 0, "bytes": 0, "invalid": 0, "nonfinite": 0}
     if not mine:
         return written, 0.0
@@ -460,7 +458,7 @@ def encode_chunks(cfg, run, encoder, loader, store, chunks, mine, store_dtype, i
 
     device = run.info.device
     with torch.inference_mode():  # one forward before timing: kernel selection and allocator warm-up
-        encoder(torch.zeros(min(e.batch_size, 8), in_channels, cfg.model.image_size, cfg.model.image_size,
+        encoder(torch.zeros(min(e.batch_size, 8), source.in_channels, cfg.model.image_size, cfg.model.image_size,
                             device=device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -469,12 +467,12 @@ def encode_chunks(cfg, run, encoder, loader, store, chunks, mine, store_dtype, i
     writer = ChunkWriter(store, e.write_queue, on_written)
     bar = tqdm(total=sum(chunks[c][1] - chunks[c][0] for c in mine), unit="img", disable=not dist.is_main(),
                desc="encode (rank 0)")
-    pending = {k: [] for k in (*e.outputs, "index", "label")}
+    pending = {k: [] for k in (*e.outputs, "index", key)}
     filled, slot = 0, 0
     try:
-        for images, labels, index in loader:
+        for images, keys, index in loader:
             out = encoder(images)
-            out.update(index=index, label=labels)
+            out.update({"index": index, key: keys})
             pos = 0
             while pos < len(index):  # a batch may end one chunk and start the next
                 start, end = chunks[mine[slot]]
@@ -484,8 +482,7 @@ def encode_chunks(cfg, run, encoder, loader, store, chunks, mine, store_dtype, i
                 pos += take
                 filled += take
                 if filled == end - start:
-                    arrays, meta = finish_chunk(pending, start, end, store_dtype)
-                    writer.put(mine[slot], arrays, meta)
+                    writer.put(mine[slot], finish_chunk(pending, key, start, end, store_dtype))
                     pending = {k: [] for k in pending}
                     filled, slot = 0, slot + 1
             bar.update(len(index))
@@ -519,25 +516,46 @@ def combine_ranks(run, chunks, mine, written, seconds, done_before, weights):
             "stopped": bool(any_stopped)}
 
 
-def finish_chunk(pending, start, end, store_dtype):
-    """One chunk's arrays on the host: outputs cast to the stored dtype, rows checked against the expected indices."""
-    out = {k: torch.cat(v) for k, v in pending.items()}
-    index = out.pop("index").cpu().numpy()
-    expected = np.arange(start, end)
-    valid = index == expected  # a skipped unreadable file was replaced by another sample: not this row's image
+def finish_chunk(pending, key, start, end, store_dtype):
+    """One chunk's rows on their way to the host: cast to the stored dtype and copied off the GPU asynchronously
+    (into pinned memory), so the loop goes on without a host sync. Returns a function, run by the writer thread,
+    that waits for the copies and gives (arrays, meta), the rows checked against the expected indices."""
     torch_dtype = torch.float16 if store_dtype == np.float16 else torch.float32
-    arrays = {"index": expected, "label": out.pop("label").cpu().numpy().astype(np.int64), "valid": valid}
-    nonfinite = np.zeros(end - start, dtype=bool)
-    for k, v in out.items():
-        v = v.to(torch_dtype)
-        bad = ~torch.isfinite(v).flatten(1).all(1)
-        values = v.cpu().numpy()
-        values[~valid] = 0
-        nonfinite |= bad.cpu().numpy()
-        arrays[k] = values
-    meta = {"start": start, "end": end, "samples": end - start, "invalid_rows": int((~valid).sum()),
-            "nonfinite_rows": int(nonfinite.sum())}
-    return arrays, meta
+    out = {k: torch.cat(v) for k, v in pending.items()}
+    nonfinite = None
+    for k in [k for k in out if k not in ("index", key)]:
+        out[k] = out[k].to(torch_dtype)
+        bad = ~torch.isfinite(out[k]).flatten(1).all(1)
+        nonfinite = bad if nonfinite is None else nonfinite | bad
+    host = {k: to_host(v) for k, v in {**out, "nonfinite": nonfinite}.items()}
+    copied = None
+    if nonfinite.is_cuda:
+        copied = torch.cuda.Event()
+        copied.record()
+
+    def arrays_and_meta():
+        if copied is not None:
+            copied.synchronize()
+        expected = np.arange(start, end)
+        valid = host.pop("index").numpy() == expected  # a skipped unreadable file was replaced: not this row's image
+        arrays = {"index": expected, key: host.pop(key).numpy().astype(np.int64), "valid": valid}
+        bad_rows = host.pop("nonfinite").numpy()
+        for k, v in host.items():
+            values = v.numpy()
+            values[~valid] = 0
+            arrays[k] = values
+        meta = {"start": start, "end": end, "samples": end - start, "invalid_rows": int((~valid).sum()),
+                "nonfinite_rows": int(bad_rows.sum())}
+        return arrays, meta
+
+    return arrays_and_meta
+
+
+def to_host(tensor):
+    """A CPU tensor as it is; a GPU tensor copied into pinned host memory without waiting (non_blocking)."""
+    if not tensor.is_cuda:
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- main

@@ -8,7 +8,7 @@ import socket
 # (a job creates one process group: a second one on the same rendezvous port can hang)
 TWO_RANK_JOBS = ("tests.test_loop:ddp_job", "tests.test_ddp:ast_batch_job", "tests.test_ddp:ast_epoch_job",
                  "tests.test_ddp:dynvision_eval_job", "tests.test_ddp:ast_eval_job",
-                 "tests.test_encode:two_rank_job")
+                 "tests.test_encode:two_rank_job", "tests.test_encode:two_rank_cache_job")
 
 
 def free_port():

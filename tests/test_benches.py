@@ -69,3 +69,11 @@ def test_ast_quality_smoke_compares_matched_controls(monkeypatch, capsys):
         assert 0 <= runs[f"budget_{tag}"]["backward_samples"] - runs[f"ast_{tag}"]["backward_samples"] < 64
     cells = [r for r in lines if r.get("kind") == "cell"]
     assert {(c["mode"], c["rate"]) for c in cells} == {("batch", 0.3), ("epoch", 0.3)}
+
+
+def test_encode_speed_smoke(tmp_path, monkeypatch, capsys):
+    summary = run_bench("encode_speed.py", ["--smoke", f"--root={tmp_path / 'scratch'}"], monkeypatch, capsys)
+    assert summary["device"] == "cpu" and summary["disk_bound"] in (True, False)
+    for key in ("encoder_vs_vitb16", "end_to_end_vs_encoder", "end_to_end_samples_per_s", "peak_rss_gb",
+                "disk_write_mb_s", "bytes_per_sample", "imagefolder_samples_per_s", "encoder_flops", "vitb16_flops"):
+        assert summary[key] is not None and summary[key] > 0, (key, summary)
