@@ -276,27 +276,28 @@ def _dyrcnn_build(source, data):
                                 "residual_steps": model_cfg.residual(), "dt_ms": model_cfg.dt_ms})
 
 
-def _rvit_build(source, data):
-    """encode_stream.py: the recursive ViT, with the outputs the run wrote (encode.outputs)."""
-    from lib.rvit import OUTPUTS, RecursiveViT, RViTConfig
+def _encoder_build(source, data):
+    """encode_stream.py: its encoder (model.name: rvit | trm, lib/encoder.py), with the outputs the run wrote."""
+    from lib.encoder import MODELS, EncoderConfig, load_encoder
     cfg = source.config
-    model_cfg = merge(RViTConfig(), {**cfg["model"], "weights": ""})
-    outputs = list((cfg.get("encode") or {}).get("outputs") or ["embedding"])
-    if any(o not in OUTPUTS for o in outputs):
-        raise ExportError(f"encode.outputs {outputs} names outputs the encoder does not have ({', '.join(OUTPUTS)})")
+    enc_cfg = merge(EncoderConfig(), {**cfg["model"], "weights": ""})
+    model_cls, available = MODELS[enc_cfg.name][1], MODELS[enc_cfg.name][2]
+    outputs = list((cfg.get("encode") or {}).get("outputs") or [available[0]])
+    if any(o not in available for o in outputs):
+        raise ExportError(f"encode.outputs {outputs} names outputs the {enc_cfg.name} encoder does not have "
+                          f"({', '.join(available)})")
     if source.state_dict is not None:
-        in_channels = _shape_of(source.state_dict, "patch_embed.weight", "RecursiveViT")[1]
-        model = _load(RecursiveViT(model_cfg, in_channels), source.state_dict, source)
+        in_channels = _shape_of(source.state_dict, "patch_embed.weight", model_cls.__name__)[1]
+        model = _load(model_cls(enc_cfg.model_config(), in_channels), source.state_dict, source)
     else:  # the encoder encode_stream.py built: random init seeded by run.seed alone, channels from the data
         if data is None:
             raise ExportError(f"{source.path}: the run used a random-init encoder, whose channel count comes from its "
                               f"dataset, which is not available here; pass --data_root or export with --weights")
-        from encode_stream import load_encoder  # the script's own builder: the same seeding rule, not a copy
-        model = load_encoder(model_cfg, data.in_channels, seed=(cfg.get("run") or {}).get("seed", 0)).eval()
+        model = load_encoder(enc_cfg, data.in_channels, seed=(cfg.get("run") or {}).get("seed", 0)).eval()
         in_channels = data.in_channels
     wrapped = _Outputs(model, lambda out: tuple(out[k] for k in outputs), outputs=tuple(outputs))
-    return ExportModel("rvit", "rvit", wrapped, (in_channels, model_cfg.image_size, model_cfg.image_size),
-                       outputs, None, "dynamic", config={**to_dict(model_cfg), "in_channels": in_channels})
+    return ExportModel("encoder", enc_cfg.name, wrapped, (in_channels, enc_cfg.image_size, enc_cfg.image_size),
+                       outputs, None, "dynamic", config={**to_dict(enc_cfg), "in_channels": in_channels})
 
 
 def _samples_cfg_ast(config):
@@ -312,8 +313,9 @@ FAMILIES = [
            lambda c: "ast" in c and "name" in (c.get("model") or {}), _samples_cfg_ast, _classifier_build),
     Family("dyrcnn", "train_dynvision.py", "a 'memory' section and model.preset",
            lambda c: "memory" in c and "preset" in (c.get("model") or {}), _samples_cfg_ast, _dyrcnn_build),
-    Family("rvit", "encode_stream.py", "an 'encode' section and an RViT model (model.loops)",
-           lambda c: "encode" in c and "loops" in (c.get("model") or {}), _samples_cfg_encode, _rvit_build),
+    Family("encoder", "encode_stream.py", "an 'encode' section and an encoder model (model.loops or model.name)",
+           lambda c: "encode" in c and ({"loops", "name"} & set(c.get("model") or {})), _samples_cfg_encode,
+           _encoder_build),
 ]
 
 
