@@ -192,7 +192,7 @@ def _read_manifest(cache_dir):
 
 
 # ----------------------------------------------------------------------------- building
-def _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes):
+def _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes, setting):
     """The manifest of a cache of these settings and this source listing: an existing one is checked (other
     settings or a changed folder are refused), a new one is written with the listing. Returns it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -202,16 +202,16 @@ def _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes):
         if manifest["settings"] != settings:
             changed = "; ".join(differences(manifest["settings"], settings))
             raise CacheError(f"{cache_dir} holds a cache built with other settings ({changed}); delete it or set "
-                             f"data.cache_dir to a new folder")
+                             f"{setting} to a new folder")
         if manifest["source"]["fingerprint"] != source["fingerprint"]:
             with np.load(cache_dir / "source.npz") as old:
                 what = _changes(old, rel_paths, sizes, mtimes)
             raise CacheError(f"the image folder changed since the cache in {cache_dir} was built ({what}); the cache "
-                             f"would train on stale images: delete {cache_dir} (it is built again on first use) or "
-                             f"set data.cache_dir to a new folder")
+                             f"would train on stale images: delete {cache_dir} and build it again, or set {setting} "
+                             f"to a new folder")
         return manifest
     if any(p.name not in ("shards", "markers") and not p.name.startswith(".") for p in cache_dir.iterdir()):
-        raise CacheError(f"{cache_dir} is not empty and holds no image cache; choose an empty or new data.cache_dir")
+        raise CacheError(f"{cache_dir} is not empty and holds no image cache; choose an empty or new {setting}")
     buf = io.BytesIO()
     np.savez(buf, paths=rel_paths, sizes=sizes, mtimes=mtimes)
     write_file(cache_dir / "source.npz", buf.getvalue(), "the image cache's source listing")
@@ -255,8 +255,8 @@ def _build_shards(store, split_dir, rel_paths, todo, settings, workers, log):
         paths = [os.path.join(split_dir, os.fsdecode(p))
                  for p in rel_paths[shard * SHARD_IMAGES:(shard + 1) * SHARD_IMAGES]]
         tasks += [(paths[i:i + TASK_IMAGES], side, quality) for i in range(0, len(paths), TASK_IMAGES)]
-    pool = None
-    if workers > 0:
+    pool, workers = None, min(workers, len(tasks))
+    if workers > 0:  # spawned, not forked: the caller may hold CUDA and threads
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
     done, pending, queue = 0, [], collections.deque(todo)
     start = time.perf_counter()
@@ -300,7 +300,8 @@ def _write_index(store, cache_dir, manifest, n):
         index["length"][rows] = np.diff(offsets)
         index["height"][rows], index["width"][rows] = meta["heights"], meta["widths"]
         for pos, kind in meta["kinds"].items():
-            kinds[kind] = kinds.get(kind, 0) + 1
+            if kind != "unreadable":
+                kinds[kind] = kinds.get(kind, 0) + 1
         for pos, error in meta["errors"].items():
             errors[str(first + int(pos))] = error
             index["length"][first + int(pos)] = -1
@@ -314,7 +315,8 @@ def _write_index(store, cache_dir, manifest, n):
     return manifest
 
 
-def open_or_build(split_dir, rel_paths, cache_dir, *, side=256, quality=90, workers=0, verify=True, log=print):
+def open_or_build(split_dir, rel_paths, cache_dir, *, side=256, quality=90, workers=0, verify=True, log=print,
+                  setting="data.cache_dir"):
     """The image cache of one ImageFolder split as a CacheSplit: built (or completed, after a crash) if needed.
 
     Refuses a cache of other settings and one built from a folder that changed since (file list, sizes, mtimes);
@@ -326,8 +328,8 @@ def open_or_build(split_dir, rel_paths, cache_dir, *, side=256, quality=90, work
     t0 = time.perf_counter()
     sizes, mtimes = listing(split_dir, rel_paths)
     settings = {"side": int(side), "quality": int(quality), "shard_images": SHARD_IMAGES}
-    manifest = _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes)
-    store = ShardStore(cache_dir, NO_CAP, setting="data.cache_dir")
+    manifest = _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes, setting)
+    store = ShardStore(cache_dir, NO_CAP, setting=setting)
     todo = _verify(store, list(range(manifest["shards"])), verify)
     corrupt = [s for s in todo if store.marker(s) is not None]
     for shard in corrupt:
