@@ -216,7 +216,7 @@ def _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes, setting):
     np.savez(buf, paths=rel_paths, sizes=sizes, mtimes=mtimes)
     write_file(cache_dir / "source.npz", buf.getvalue(), "the image cache's source listing")
     manifest = {"format": FORMAT, "settings": settings, "source": source,
-                "shards": -(-len(rel_paths) // SHARD_IMAGES), "complete": False,
+                "shards": -(-len(rel_paths) // settings["shard_images"]), "complete": False,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pillow": Image.__version__}
     atomic_write_json(cache_dir / "manifest.json", manifest)
     return manifest
@@ -249,11 +249,10 @@ def _ordered(pool, tasks, window):
 
 def _build_shards(store, split_dir, rel_paths, todo, settings, workers, log):
     """Re-encode and write the shards in `todo`, in order, each as soon as it is complete. Returns images done."""
-    side, quality = settings["side"], settings["quality"]
+    side, quality, per_shard = settings["side"], settings["quality"], settings["shard_images"]
     tasks = []
     for shard in todo:
-        paths = [os.path.join(split_dir, os.fsdecode(p))
-                 for p in rel_paths[shard * SHARD_IMAGES:(shard + 1) * SHARD_IMAGES]]
+        paths = [os.path.join(split_dir, os.fsdecode(p)) for p in rel_paths[shard * per_shard:(shard + 1) * per_shard]]
         tasks += [(paths[i:i + TASK_IMAGES], side, quality) for i in range(0, len(paths), TASK_IMAGES)]
     pool, workers = None, min(workers, len(tasks))
     if workers > 0:  # spawned, not forked: the caller may hold CUDA and threads
@@ -264,7 +263,7 @@ def _build_shards(store, split_dir, rel_paths, todo, settings, workers, log):
         for results in _ordered(pool, tasks, window=4 * max(1, workers)):
             pending += results
             shard = queue[0]
-            if len(pending) < min(SHARD_IMAGES, len(rel_paths) - shard * SHARD_IMAGES):
+            if len(pending) < min(per_shard, len(rel_paths) - shard * per_shard):
                 continue
             queue.popleft()
             blobs = [r[0] for r in pending]
@@ -272,7 +271,7 @@ def _build_shards(store, split_dir, rel_paths, todo, settings, workers, log):
                     "widths": [r[2] for r in pending],
                     "kinds": {str(i): r[3] for i, r in enumerate(pending) if r[3] != "baseline"},
                     "errors": {str(i): r[4] for i, r in enumerate(pending) if r[4]}}
-            store.put(shard, encode_shard(blobs, (3, 0, 0), shard * SHARD_IMAGES, magic=SHARD_MAGIC), meta,
+            store.put(shard, encode_shard(blobs, (3, 0, 0), shard * per_shard, magic=SHARD_MAGIC), meta,
                       evict=False)
             done += len(pending)
             pending = []
@@ -290,7 +289,7 @@ def _write_index(store, cache_dir, manifest, n):
     kinds, errors = {}, {}
     for shard in range(manifest["shards"]):
         meta = store.marker(shard)
-        first = shard * SHARD_IMAGES
+        first = shard * manifest["settings"]["shard_images"]
         count = meta["images"]
         with open(store.path(shard), "rb") as f:
             _, _, _, offsets = parse_header(f.read(header_bytes(count)), store.name(shard), magic=SHARD_MAGIC)
@@ -316,7 +315,7 @@ def _write_index(store, cache_dir, manifest, n):
 
 
 def open_or_build(split_dir, rel_paths, cache_dir, *, side=256, quality=90, workers=0, verify=True, log=print,
-                  setting="data.cache_dir"):
+                  setting="data.cache_dir", shard_images=SHARD_IMAGES):
     """The image cache of one ImageFolder split as a CacheSplit: built (or completed, after a crash) if needed.
 
     Refuses a cache of other settings and one built from a folder that changed since (file list, sizes, mtimes);
@@ -327,7 +326,7 @@ def open_or_build(split_dir, rel_paths, cache_dir, *, side=256, quality=90, work
         raise CacheError(f"image cache: side must be >= 32 px and quality in 1..95, got {side}, {quality}")
     t0 = time.perf_counter()
     sizes, mtimes = listing(split_dir, rel_paths)
-    settings = {"side": int(side), "quality": int(quality), "shard_images": SHARD_IMAGES}
+    settings = {"side": int(side), "quality": int(quality), "shard_images": int(shard_images)}
     manifest = _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes, setting)
     store = ShardStore(cache_dir, NO_CAP, setting=setting)
     todo = _verify(store, list(range(manifest["shards"])), verify)
