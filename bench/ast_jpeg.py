@@ -12,7 +12,7 @@ and `cache` (its pre-resized cache, data.loader=cache, short side 256). Variants
 rotated per source after a throwaway run that takes the one-time costs (CUDA/cuDNN start-up, autotuning the
 full-batch and subset shapes): full, batch10 (10%, scoring batch 2048), batch10_cheap (the same, scored at 112 px),
 epoch10 (10%); `epochs` epochs each (epoch 0 on all data, then sparse; the last one timed = steady state; all of
-them = whole run). full_compiled (loop.compile=true): `compiled_epochs` epochs, the last timed. Batch mode on image
+them = whole run). full_compiled (loop.compile=true): one epoch (it compiles), then `compiled_steps` timed steps. Batch mode on image
 files uses data.selective_decode=auto (batch10_cheap decodes selectively, batch10 decodes all on the GPU); the
 extras time the other decode paths (selective_decode=never / always, score_cpu_share=0.5) on 2 sparse epochs each,
 the second timed, so that "best JPEG path" compares them all. Parts without training: decode rates (PIL per core,
@@ -64,7 +64,7 @@ class BenchConfig:
     score_resolution: int = 112     # px, batch10_cheap's scoring
     target_rate: float = 0.1
     epochs: int = 3                 # per variant: epoch 0 on all data, then sparse; the last timed
-    compiled_epochs: int = 2        # full_compiled: the first compiles, the last is timed
+    compiled_steps: int = 60        # full_compiled: one epoch (it compiles), then this many steps timed
     workers: int = 12               # jpeg / cache loader worker processes
     prefetch: int = 2
     cache_side: int = 256           # px, shorter side of the cached images
@@ -162,7 +162,7 @@ def decode_parts(cfg, root, device, out):
             files.append((i, data, h, w, small, *jpeg.sniff_jpeg(small)[1:]))
         if len(files) == cfg.parts_files:
             break
-    seconds = 0.02 if cfg.smoke else 2.0
+    seconds = 0.02 if cfg.smoke else 1.0
     score_px = cfg.score_resolution
 
     def score(item, px, cached):
@@ -229,7 +229,7 @@ def data_config(cfg, root, source, **overrides):
 
 def loader_parts(cfg, root, device, out):
     """The loader alone, no model: scoring batches per second, plain vs selective; an epoch start with a 10% plan."""
-    batches = 3 if cfg.smoke else 8
+    batches = 3 if cfg.smoke else 6
     paths = (("plain", {}, None), ("selective", {}, cfg.score_resolution),
              ("selective_share0.5", {"score_cpu_share": 0.5}, cfg.score_resolution))
     for source in ("jpeg", "cache"):
@@ -340,11 +340,12 @@ class Runner:
         return True
 
 
-def timed(result, samples):
-    """(last epoch's seconds, images/s over it, whole run's seconds) of a train_ast result."""
-    curve = result["curve"]
-    last = curve[-1]["train_seconds"] - curve[-2]["train_seconds"]
-    return last, samples / last, result["train_seconds"]
+def timed(result, images_per_step):
+    """(seconds, images/s) between the last two evaluations (the last epoch, or the steps after the first epoch of a
+    run cut by max_steps), and the whole run's train_seconds."""
+    a, b = result["curve"][-2:]
+    seconds = b["train_seconds"] - a["train_seconds"]
+    return seconds, (b["step"] - a["step"]) * images_per_step / seconds, result["train_seconds"]
 
 
 def main(cfg):
@@ -352,7 +353,7 @@ def main(cfg):
         cfg.classes, cfg.train_per_class, cfg.val_per_class, cfg.awkward_per_kind = 3, 16, 2, 1
         cfg.image_size, cfg.batch_size, cfg.score_batch, cfg.score_resolution = 32, 4, 8, 16
         cfg.workers, cfg.parts_files, cfg.cache_side, cfg.target_rate = 0, 8, 40, 0.25
-        cfg.epochs = 2
+        cfg.epochs, cfg.compiled_steps = 2, 4
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.smoke else "cpu")
     if device.type != "cuda" and not (cfg.smoke or cfg.prepare_only):
         raise SystemExit("no CUDA GPU here: run with --smoke=true for a CPU check, --prepare_only=true to write the "
@@ -394,7 +395,7 @@ def main(cfg):
             if not runner.fits(f"{name}_{source}", estimate * 0.8):
                 continue
             result, stats = runner.run(runner.config(name, source, cfg.epochs))
-            last, images_per_s, whole_s = timed(result, n)
+            last, images_per_s, whole_s = timed(result, cfg.score_batch if "batch" in name else cfg.batch_size)
             key = (name, source)
             epoch_s[key], rate[key], whole[key], top1[key] = last, images_per_s, whole_s, result.get("top1")
             emit({"part": "run", "variant": name, "source": source, "epoch_seconds": round(last, 3),
@@ -403,19 +404,19 @@ def main(cfg):
                   "backward_samples": result["backward_samples"], "top1": result.get("top1"),
                   "skipped_files": result["skipped_files"], "loader_stats": {k: round(v, 3) for k, v in stats.items()},
                   "device": device_name}, cfg.out)
-    compiled = {}
+    compiled, steps = {}, n // cfg.batch_size
     if cfg.compiled:
         for source in cfg.sources[:2] if cfg.smoke else cfg.sources:
-            estimate = cfg.compiled_epochs * epoch_s.get(("full", source), 0.0) + (0 if compiled else 60)
+            estimate = (1 + cfg.compiled_steps / steps) * epoch_s.get(("full", source), 0.0) + (15 if compiled else 60)
             if not runner.fits(f"full_compiled_{source}", estimate):
                 continue
-            result, stats = runner.run(runner.config("full_compiled", source, cfg.compiled_epochs,
-                                                     compile=not cfg.smoke))
-            last, images_per_s, whole_s = timed(result, n)
+            result, stats = runner.run(runner.config("full_compiled", source, 2,
+                                                     compile=not cfg.smoke, max_steps=steps + cfg.compiled_steps))
+            last, images_per_s, whole_s = timed(result, cfg.batch_size)
             compiled[source] = images_per_s
-            emit({"part": "run", "variant": "full_compiled", "source": source, "epoch_seconds": round(last, 3),
+            emit({"part": "run", "variant": "full_compiled", "source": source, "timed_seconds": round(last, 3),
                   "images_per_s": round(images_per_s, 1), "whole_run_seconds": round(whole_s, 3),
-                  "epochs": cfg.compiled_epochs, "compiled": not cfg.smoke, "top1": result.get("top1"),
+                  "timed_steps": cfg.compiled_steps, "compiled": not cfg.smoke, "top1": result.get("top1"),
                   "loader_stats": {k: round(v, 3) for k, v in stats.items()}, "device": device_name}, cfg.out)
     extra_s = {}
     if cfg.extras:
@@ -427,7 +428,7 @@ def main(cfg):
             if not runner.fits(label, estimate):
                 continue
             result, stats = runner.run(runner.config(name, source, 2, ast={"warmup_epochs": 0}, data=data))
-            last, images_per_s, _ = timed(result, n)
+            last, images_per_s, _ = timed(result, cfg.score_batch)
             extra_s[(name, source, label)] = last
             emit({"part": "extra", "variant": name, "source": source, "data": data, "epoch_seconds": round(last, 3),
                   "images_per_s": round(images_per_s, 1), "activation_rate": round(result["activation_rate"], 4),

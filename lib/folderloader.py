@@ -30,6 +30,9 @@ from lib.loaders import MAX_SKIP_MESSAGES, _LoaderBase, _make_dataloader, _Norma
 CHUNK = 256                     # images per worker task at most: a batch of 2048 is read by 8 workers at once
 FIRST_CHUNK = 32                # an iteration's first batch in chunks of at least this many images, one per worker:
                                 # the first batch (the epoch's start-up wait) arrives in a fraction of the time
+DECODE_PIECE = 256              # selective decoding: the GPU share is decoded in calls of at most this many images, so
+                                # that a batch's full() (which waits for the one nvJPEG decoder a process has) goes
+                                # next after at most one of them
 SELECTIVE_POLICIES = ("auto", "always", "never")
 _READY, _CPU, _LATER = 0, 1, 2  # SelectiveBatch: where a position's training crop comes from
 
@@ -247,7 +250,8 @@ class SelectiveBatch:
 
         def decode(files):  # the selected files nobody decoded yet: decoded whole now, cropped as the plain path
             fallback, skipped = {}, []
-            images = loader.decode_files(b, files, fallback, skipped)
+            with loader.decoder(priority=True):
+                images = loader.decode_files(b, files, fallback, skipped)
             loader.account(fallback, skipped)
             return jpeg.resized_crop_batch(images, b["boxes"][files], b["flip"][files], size)
 
@@ -286,6 +290,8 @@ class ImageFolderLoader(_LoaderBase):
                                     "epochs", "epoch_start_s"), 0)
         self._skipped_set = set()
         self._lock = threading.Lock()
+        self._decoder_lock = threading.Lock()   # torchvision's nvJPEG decoder serves one call at a time per process
+        self._wanted = threading.Event()        # full() waits for the decoder: the pipeline lets it go first
         self._score_px = None       # selective decoding requested for the next iterations (None = plain batches)
         self._streams = None        # the pipeline's two CUDA streams, made on first use
         super().__init__(len(labels), batch_size, train=train, seed=seed, rank=rank, world_size=world_size,
@@ -412,9 +418,34 @@ class ImageFolderLoader(_LoaderBase):
                 skipped.append(f"{name} ({type(e).__name__}: {e})")
         return images
 
+    @contextlib.contextmanager
+    def decoder(self, priority=False):
+        """Hold the process's nvJPEG decoder; priority (SelectiveBatch.full: training waits for it) goes before the
+        pipeline's next piece, which waits while a priority caller waits."""
+        if priority:
+            self._wanted.set()
+        else:
+            while self._wanted.is_set():
+                time.sleep(0.0005)
+        try:
+            with self._decoder_lock:
+                yield
+        finally:
+            if priority:
+                self._wanted.clear()
+
     def decode_stage(self, batch, stream):
-        """Stage 0: nvJPEG on the batch's files to decode now (blocks this thread until decoded)."""
-        return batch, self.decode_files(batch, np.flatnonzero(batch["now"]), batch["fallback"], batch["skipped"])
+        """Stage 0: nvJPEG on the batch's files to decode now (blocks this thread until decoded). In selective
+        decoding, in pieces that let a waiting full() go first."""
+        files = np.flatnonzero(batch["now"])
+        if batch["score_px"] is None:
+            return batch, self.decode_files(batch, files, batch["fallback"], batch["skipped"])
+        images = []
+        for start in range(0, len(files), DECODE_PIECE):
+            with self.decoder():
+                images += self.decode_files(batch, files[start:start + DECODE_PIECE], batch["fallback"],
+                                            batch["skipped"])
+        return batch, images
 
     def finish(self, payload, stream):
         """Stage 1: crop/resize/flip the decoded images, add the CPU-decoded ones, normalize: (images, labels,
