@@ -13,8 +13,9 @@ rotated per source after a throwaway run that takes the one-time costs (CUDA/cuD
 full-batch and subset shapes): full, batch10 (10%, scoring batch 2048), batch10_cheap (the same, scored at 112 px),
 epoch10 (10%); `epochs` epochs each (epoch 0 on all data, then sparse; the last one timed = steady state; all of
 them = whole run). full_compiled (loop.compile=true): one epoch (it compiles), then `compiled_steps` timed steps. Batch mode on image
-files uses data.selective_decode=auto (batch10_cheap decodes selectively, batch10 decodes all on the GPU); the
-extras time the other decode paths (selective_decode=never / always, score_cpu_share=0.5) on 2 sparse epochs each,
+files uses data.selective_decode=auto (batch10_cheap decodes selectively, half its scoring images in the workers;
+batch10 decodes all on the GPU); the extras time the other decode paths (selective_decode=never / always,
+score_cpu_share=1.0) on 2 sparse epochs each,
 the second timed, so that "best JPEG path" compares them all. Parts without training: decode rates (PIL per core,
 nvJPEG per GPU) of the folder's files and the cache's, the cache's bytes per image and build rate, PSNR of the
 re-encoded images and of the scoring images, the loader alone (plain vs selective batches), and an epoch start with a
@@ -86,13 +87,14 @@ VARIANTS = {  # name: ast overrides (the mode's own settings); every variant sha
     "batch10_cheap": {"mode": "batch", "score_resolution": -1},  # -1: BenchConfig.score_resolution
     "epoch10": {"mode": "epoch"},
 }
-EXTRAS = [  # (variant, source, data overrides): batch-mode decode paths other than data.selective_decode=auto's
+EXTRAS = [  # (variant, source, data overrides): batch-mode decode paths other than the defaults (selective_decode
+            # auto: selective for batch10_cheap with score_cpu_share 0.5, everything decoded on the GPU for batch10)
     ("batch10_cheap", "jpeg", {"selective_decode": "never"}),
-    ("batch10_cheap", "jpeg", {"score_cpu_share": 0.5}),
     ("batch10_cheap", "cache", {"selective_decode": "never"}),
-    ("batch10_cheap", "cache", {"score_cpu_share": 0.5}),
+    ("batch10_cheap", "jpeg", {"score_cpu_share": 1.0}),
+    ("batch10_cheap", "cache", {"score_cpu_share": 1.0}),
+    ("batch10", "jpeg", {"selective_decode": "always"}),
     ("batch10", "cache", {"selective_decode": "always"}),
-    ("batch10", "jpeg", {"selective_decode": "always", "score_cpu_share": 0.5}),
 ]
 
 
@@ -232,7 +234,7 @@ def loader_parts(cfg, root, device, out):
     """The loader alone, no model: scoring batches per second, plain vs selective; an epoch start with a 10% plan."""
     batches = 3 if cfg.smoke else 6
     paths = (("plain", {}, None), ("selective", {}, cfg.score_resolution),
-             ("selective_share0.5", {"score_cpu_share": 0.5}, cfg.score_resolution))
+             ("selective_share1.0", {"score_cpu_share": 1.0}, cfg.score_resolution))
     for source in ("jpeg", "cache"):
         for name, overrides, score_px in paths[:2] if cfg.smoke else paths:
             data = build_data(data_config(cfg, root, source, **overrides), device, batch_size=cfg.score_batch,

@@ -68,8 +68,11 @@ class DataConfig:
                                     # the workers from a DCT-scaled decode, decode whole only the selected ones.
                                     # auto: when scoring below the training resolution (ast.score_resolution) or
                                     # not at all (the random control); never: decode every image whole on the GPU
-    score_cpu_share: float = 1.0    # selective decoding: share of each batch scored from the workers' decodes; the
-                                    # rest is decoded whole by nvJPEG at once (adds the GPU's decode capacity)
+    score_cpu_share: float = 0.5    # selective decoding: share of each batch scored from the workers' decodes; the
+                                    # rest is decoded whole by nvJPEG at once. Half and half adds the two capacities:
+                                    # a scoring decode of an ImageNet-sized file costs a CPU core about 1.7 ms (the
+                                    # entropy decoding DCT scaling cannot skip), nvJPEG took ~9k images/s while
+                                    # training on an H100 (bench/ast_jpeg.py measures both shares)
     # image files: the pre-resized cache (data.loader=cache), built in cache_dir on first use
     # (or by tools/build_image_cache.py)
     cache_dir: str = ""             # folder of the cache (train/ and val/ inside); required with loader=cache

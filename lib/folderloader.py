@@ -10,7 +10,7 @@ PIL in the workers, the standard CPU path.
 
 Selective decoding (batch mode; `decode_for_selection`): the loader yields (SelectiveBatch, labels, index). The
 SelectiveBatch holds every sample's scoring image at a low resolution, made in the workers from a DCT-scaled decode
-(or, for data.score_cpu_share < 1, from a whole-image nvJPEG decode of part of the batch), and
+for data.score_cpu_share of the batch and from a whole-image nvJPEG decode for the rest, and
 `batch.full(selected)` returns the full-resolution training crops of the selected samples only: their files are
 decoded whole when asked for. The crops are the ones the plain path makes: the same boxes and flips (functions of
 seed, epoch, index), the same decoder and resize code.
@@ -40,7 +40,7 @@ _READY, _CPU, _LATER = 0, 1, 2  # SelectiveBatch: where a position's training cr
 class _FolderBatches(torch.utils.data.Dataset):
     """Worker side of ImageFolderLoader: one item = one chunk of a batch (bytes for nvJPEG, or PIL pixels)."""
 
-    def __init__(self, source, labels, seed, gpu_decode, cpu_fraction=0.0, score_cpu_share=1.0):
+    def __init__(self, source, labels, seed, gpu_decode, cpu_fraction=0.0, score_cpu_share=0.5):
         self.source, self.labels, self.seed = source, labels, seed
         self.gpu_decode, self.cpu_fraction, self.score_cpu_share = gpu_decode, cpu_fraction, score_cpu_share
 
@@ -271,7 +271,7 @@ class ImageFolderLoader(_LoaderBase):
 
     def __init__(self, source, labels, batch_size, *, device, decode, augment, workers, prefetch, channels_last,
                  max_skipped_fraction, seed, rank, world_size, resolution, train, resize_schedule=None,
-                 cpu_decode_fraction=0.0, selective_decode="auto", score_cpu_share=1.0):
+                 cpu_decode_fraction=0.0, selective_decode="auto", score_cpu_share=0.5):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # the stage threads need the index
             self.device = torch.device("cuda", torch.cuda.current_device())

@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,10 @@ def _ordered(pool, tasks, window):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise CacheError("a process building the image cache died (killed, or out of memory?); the shards finished "
+                         "so far are kept: run the same command again (with fewer data.cache_workers if memory is "
+                         "short)") from None
     finally:
         for future in pending:
             future.cancel()

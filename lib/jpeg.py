@@ -212,7 +212,7 @@ def _spread(pos, share):
 
 
 def read_chunk(source, labels, indices, *, first_pos, epoch, resolution, augment, seed, gpu_decode,
-               cpu_fraction=0.0, score_px=None, score_cpu_share=1.0):
+               cpu_fraction=0.0, score_px=None, score_cpu_share=0.5):
     """Read one chunk of a batch in a worker: encoded bytes + crop boxes for GPU-decodable JPEGs, PIL pixels for the
     rest, and (selective decoding, `score_px` set) the scoring images.
 
