@@ -7,7 +7,8 @@
             ...
 
 Datasets are read in lib/datasets.py (arrays in memory, image-folder listings); the three loaders that
-batch them, one protocol, are in lib/loaders.py. This module holds the config, picks the loader and sets
+batch them, one protocol, are in lib/loaders.py and lib/folderloader.py (image files, from a folder or the
+pre-resized cache of lib/imagecache.py). This module holds the config, picks the loader and sets
 CUDA_DEVICE_MAX_CONNECTIONS at import (below); it re-exports the names callers used to import from here.
 """
 import os
