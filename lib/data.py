@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from lib import jpeg
-from lib.jpeg import FileSource
 from lib.config import ConfigError
 from lib.datasets import _cifar, _digits, _npz, _synthetic, channel_stats, mix_seed, scan_imagefolder  # noqa: F401
 from lib.dist import barrier
 from lib.folderloader import SELECTIVE_POLICIES, ImageFolderLoader, SelectiveBatch  # noqa: F401
+from lib.jpeg import FileSource
 from lib.loaders import ArrayLoader, ResidentLoader, _Normalizer, crop_flip, in_order  # noqa: F401
 
 # CUDA feeds all streams of a process through CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 unless set). nvJPEG
@@ -246,13 +246,19 @@ def _image_cache(cfg, split_dir, rel_paths, split, rank):
     cache_dir = Path(cfg.cache_dir) / split
     workers = (os.cpu_count() or 1) if cfg.cache_workers == -1 else cfg.cache_workers
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    kw = dict(side=cfg.cache_side, quality=cfg.cache_quality, log=log)
+    failed = None
     if rank == 0:
-        cache, report = open_or_build(split_dir, rel_paths, cache_dir, side=cfg.cache_side, quality=cfg.cache_quality,
-                                      workers=workers, verify=cfg.cache_verify, log=log)
+        try:
+            cache, report = open_or_build(split_dir, rel_paths, cache_dir, workers=workers, verify=cfg.cache_verify,
+                                          **kw)
+        except Exception as e:  # raised after the barrier: the other ranks must not wait for rank 0 forever
+            failed = e
     barrier()
-    if rank != 0:  # built and verified by rank 0: only check that it matches the folder
-        cache, report = open_or_build(split_dir, rel_paths, cache_dir, side=cfg.cache_side, quality=cfg.cache_quality,
-                                      workers=0, verify=False, log=log)
+    if failed is not None:
+        raise failed
+    if rank != 0:  # built and verified by rank 0: check that it matches the folder and is complete, build nothing
+        cache, report = open_or_build(split_dir, rel_paths, cache_dir, verify=False, build=False, **kw)
     log(f"[cache] {split}: {report['images']} images, {report['bytes_per_image'] / 1e3:.1f} KB per image, "
         f"{report['unreadable']} unreadable source files (skipped as the jpeg loader skips them), converted once: "
         f"{report['converted'] or 'none'}")

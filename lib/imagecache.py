@@ -320,11 +320,11 @@ def _write_index(store, cache_dir, manifest, n):
 
 
 def open_or_build(split_dir, rel_paths, cache_dir, *, side=256, quality=90, workers=0, verify=True, log=print,
-                  setting="data.cache_dir", shard_images=SHARD_IMAGES):
+                  setting="data.cache_dir", shard_images=SHARD_IMAGES, build=True):
     """The image cache of one ImageFolder split as a CacheSplit: built (or completed, after a crash) if needed.
 
     Refuses a cache of other settings and one built from a folder that changed since (file list, sizes, mtimes);
-    shards that are missing or fail their checksum are built again from the source folder.
+    shards that are missing or fail their checksum are built again from the source folder (build=False: refused).
     Returns (cache, report) with what this call did (shards built, images, seconds, images per second)."""
     split_dir, cache_dir = Path(split_dir), Path(cache_dir)
     if side < 32 or not 1 <= quality <= 95:
@@ -335,6 +335,9 @@ def open_or_build(split_dir, rel_paths, cache_dir, *, side=256, quality=90, work
     manifest = _check_or_start(cache_dir, settings, rel_paths, sizes, mtimes, setting)
     store = ShardStore(cache_dir, NO_CAP, setting=setting)
     todo = _verify(store, list(range(manifest["shards"])), verify)
+    if todo and not build:
+        raise CacheError(f"the image cache in {cache_dir} misses {len(todo)} of {manifest['shards']} shards; build it "
+                         f"first (the first rank does, or python tools/build_image_cache.py)")
     corrupt = [s for s in todo if store.marker(s) is not None]
     for shard in corrupt:
         log(f"[cache] {cache_dir / 'shards' / store.name(shard)} fails its checksum (damaged on disk?): building it "
