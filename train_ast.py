@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from lib import checkpoint, dist
 from lib.config import ConfigError, merge, to_dict
-from lib.data import DataConfig, build_data
+from lib.data import DataConfig, SelectiveBatch, build_data
 from lib.energy import EnergyMeter
 from lib.loop import (LoopConfig, OptimConfig, Throughput, TrainStep, build_optimizer, check_micro_batch,
                       per_rank_batch, prepare_model)
@@ -247,28 +247,32 @@ def evaluate(model, loader, autocast, task, num_test):
 def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, capture, task, match_counts,
                  counters):
     """Batch mode: score the batch without grad, pick the subset; returns it gathered with its loss weights (None =
-    plain mean), and the offered and scored counts."""
+    plain mean), and the offered and scored counts. `x` is the batch, or from image files a SelectiveBatch: its
+    low-resolution scoring images now, and the full-resolution training crops of the selected samples on request."""
     ast = cfg.ast
-    batch = x.shape[0]
+    batch = len(y)
     weights = None
+    lazy = isinstance(x, SelectiveBatch)
     if ast.mode == "random":
         if match_counts:
             k = match_counts[min(counters["step"], len(match_counts) - 1)]
         else:
             rate = ast.controller.target_rate
             k = subset_size(round(rate * batch), batch, rate, ast.round_to, ast.rate_band)
-        selected = torch.randperm(batch, device=x.device, generator=gen)[:k]
+        selected = torch.randperm(batch, device=y.device, generator=gen)[:k]
         scored = 0  # the random control needs no scores: unselected samples cost nothing
     else:
-        same_res = ast.score_resolution in (0, x.shape[-1])
+        train_px = x.resolution if lazy else x.shape[-1]
+        same_res = ast.score_resolution in (0, train_px)
         # Running BN statistics come from the full scoring batch when it runs at the training resolution
         # (unbiased), else from the trained subset; the other forward leaves them unchanged (momentum 0).
         with torch.no_grad(), step_fn.autocast(), bn_momentum(bn_layers, None if same_res else 0.0):
-            xs = x if same_res else F.interpolate(x, size=ast.score_resolution, mode="bilinear",
-                                                  align_corners=False)
+            xs = x.scoring if lazy else x
+            if xs.shape[-1] != (ast.score_resolution or train_px):
+                xs = F.interpolate(xs, size=ast.score_resolution, mode="bilinear", align_corners=False)
             outputs = model(xs)
             loss = per_sample_loss(outputs, y, task)
-            s = significance(ast.score, outputs, y, images=x, loss=loss, task=task,
+            s = significance(ast.score, outputs, y, images=xs if lazy else x, loss=loss, task=task,
                              features=capture.features if capture else None)
         mask = controller.select(s, generator=gen)
         k = int(mask.sum())  # the one host sync per step: the subset size sets the shapes below
@@ -283,13 +287,13 @@ def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, cap
         else:
             priority = torch.where(mask, torch.full_like(s, float("inf")), s)
             selected = priority.topk(k, sorted=False).indices
-        chosen = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        chosen = torch.zeros(batch, dtype=torch.bool, device=y.device)
         chosen[selected] = True
         controller.update(chosen)
         scored = batch
     counters["counts"].append(len(selected))
-    x = x[selected]  # (k, C, H, W): the gather may drop channels_last
-    if x.dim() == 4 and cfg.loop.channels_last and x.is_cuda:
+    x = x.full(selected) if lazy else x[selected]  # (k, C, H, W): only these are decoded whole; the gather may
+    if x.dim() == 4 and cfg.loop.channels_last and x.is_cuda:  # drop channels_last
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y[selected], idx[selected], weights, batch, scored
 
@@ -612,6 +616,14 @@ def run_epoch(v, run, counters, epoch, weights):
             v.seen[index] = True
         return loss
 
+    # batch mode on image files: the loader decodes a scoring image per sample and, after the selection, only the
+    # selected samples at full resolution (data.selective_decode; the random control scores nothing)
+    decode_for_selection = getattr(v.data.train, "decode_for_selection", None)
+    if decode_for_selection is not None:
+        score_px = None  # plain batches: warm-up epochs and the other modes train every sample they load
+        if v.batch_like and epoch >= ast.warmup_epochs:
+            score_px = 0 if ast.mode == "random" else ast.score_resolution or v.data.train.resolution
+        decode_for_selection(score_px)
     window = {"loss": torch.zeros((), device=device), "steps": 0, "selected": 0, "offered": 0}
     throughput = Throughput(device)
     v.model.train()

@@ -7,7 +7,8 @@
             ...
 
 Datasets are read in lib/datasets.py (arrays in memory, image-folder listings); the three loaders that
-batch them, one protocol, are in lib/loaders.py. This module holds the config, picks the loader and sets
+batch them, one protocol, are in lib/loaders.py and lib/folderloader.py (image files, from a folder or the
+pre-resized cache of lib/imagecache.py). This module holds the config, picks the loader and sets
 CUDA_DEVICE_MAX_CONNECTIONS at import (below); it re-exports the names callers used to import from here.
 """
 import math
@@ -21,7 +22,10 @@ from lib import jpeg
 from lib.config import ConfigError
 from lib.datasets import (_cifar, _digits, _npz, _synthetic, channel_stats, long_tail_indices, mix_seed,  # noqa: F401
                           scan_imagefolder)
-from lib.loaders import ArrayLoader, ImageFolderLoader, ResidentLoader, _Normalizer, crop_flip, in_order  # noqa: F401
+from lib.dist import barrier
+from lib.folderloader import SELECTIVE_POLICIES, ImageFolderLoader, SelectiveBatch  # noqa: F401
+from lib.jpeg import FileSource
+from lib.loaders import ArrayLoader, ResidentLoader, _Normalizer, crop_flip, in_order  # noqa: F401
 
 # CUDA feeds all streams of a process through CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 unless set). nvJPEG
 # decodes on about 14 streams of its own, so some share a queue with the training stream and wait behind every
@@ -34,7 +38,7 @@ if not CUDA_CONNECTIONS_SET_LATE:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", CUDA_CONNECTIONS)
 
 NAMES = ("synthetic", "digits", "cifar10", "cifar100", "imagefolder", "npz")
-LOADERS = ("auto", "resident", "dataloader", "jpeg")
+LOADERS = ("auto", "resident", "dataloader", "jpeg", "cache")
 IMAGEFOLDER_DEFAULT_SIZE = 224  # px, when data.image_size = 0
 
 
@@ -48,7 +52,7 @@ class DataConfig:
     train_samples: int = 2048       # synthetic only
     test_samples: int = 512         # synthetic only
     test_fraction: float = 0.2      # digits / npz without a split: held-out fraction (deterministic by seed)
-    loader: str = "auto"            # auto | resident | dataloader | jpeg (auto: resident if it fits in
+    loader: str = "auto"            # auto | resident | dataloader | jpeg | cache (auto: resident if it fits in
                                     # resident_max_gb; imagefolder: jpeg on CUDA, else dataloader)
     resident_max_gb: float = 4.0    # GB of device memory the resident loader may hold (train + test)
     workers: int = 4                # dataloader / jpeg worker processes (0 = in the main process)
@@ -66,6 +70,23 @@ class DataConfig:
                                     # al. 2019): class c keeps n_0 * ratio^(-c/(C-1)) samples, class 0 all of them,
                                     # the last class 1/ratio (e.g. 10 or 100); drawn by run seed; test set untouched.
                                     # 1 = off
+    # image files in batch mode (jpeg / cache loaders): selective decoding
+    selective_decode: str = "auto"  # auto | always | never: score every sample on a low-resolution image made in
+                                    # the workers from a DCT-scaled decode, decode whole only the selected ones.
+                                    # auto: when scoring below the training resolution (ast.score_resolution) or
+                                    # not at all (the random control); never: decode every image whole on the GPU
+    score_cpu_share: float = 0.5    # selective decoding: share of each batch scored from the workers' decodes; the
+                                    # rest is decoded whole by nvJPEG at once. Half and half adds the two capacities:
+                                    # a scoring decode of an ImageNet-sized file costs a CPU core about 1.7 ms (the
+                                    # entropy decoding DCT scaling cannot skip), nvJPEG took ~9k images/s while
+                                    # training on an H100 (bench/ast_jpeg.py measures both shares)
+    # image files: the pre-resized cache (data.loader=cache), built in cache_dir on first use
+    # (or by tools/build_image_cache.py)
+    cache_dir: str = ""             # folder of the cache (train/ and val/ inside); required with loader=cache
+    cache_side: int = 256           # px: shorter side of the cached images (larger ones are scaled down)
+    cache_quality: int = 90         # JPEG quality of the re-encoded images
+    cache_verify: bool = True       # check every shard's sha256 when the cache is opened (also warms the page cache)
+    cache_workers: int = -1         # processes that build the cache; -1 = one per core, 0 = in this process
 
     def validate(self):
         if self.name not in NAMES:
@@ -75,9 +96,20 @@ class DataConfig:
         if self.loader == "resident" and self.name == "imagefolder":
             raise ConfigError("data.loader=resident does not support imagefolder (files of different sizes); "
                               "use data.loader=jpeg (GPU decode) or data.loader=dataloader (PIL)")
-        if self.loader == "jpeg" and self.name != "imagefolder":
-            raise ConfigError(f"data.loader=jpeg decodes image files and needs data.name=imagefolder; "
+        if self.loader in ("jpeg", "cache") and self.name != "imagefolder":
+            raise ConfigError(f"data.loader={self.loader} decodes image files and needs data.name=imagefolder; "
                               f"for '{self.name}' use auto, resident or dataloader")
+        if self.loader == "cache" and not self.cache_dir:
+            raise ConfigError("data.loader=cache needs data.cache_dir: the folder that holds (or will hold, built on "
+                              "first use) the pre-resized copy of data.root")
+        if self.selective_decode not in SELECTIVE_POLICIES:
+            raise ConfigError(f"data.selective_decode must be one of {', '.join(SELECTIVE_POLICIES)}; got "
+                              f"'{self.selective_decode}'")
+        if not 0.0 <= self.score_cpu_share <= 1.0:
+            raise ConfigError(f"data.score_cpu_share must be in [0, 1], got {self.score_cpu_share}")
+        if self.cache_side < 32 or not 1 <= self.cache_quality <= 95 or self.cache_workers < -1:
+            raise ConfigError(f"data.cache_side must be >= 32 px, data.cache_quality in 1..95 and data.cache_workers "
+                              f">= -1; got {self.cache_side}, {self.cache_quality}, {self.cache_workers}")
         if self.image_size < 0:
             raise ConfigError(f"data.image_size must be >= 0 (0 = native size), got {self.image_size}")
         if self.num_classes < 2:
@@ -207,7 +239,7 @@ def _build_imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, wor
     kind = cfg.loader
     if kind == "auto":
         kind = "jpeg" if device.type == "cuda" else "dataloader"
-    decode = "gpu" if kind == "jpeg" else "pil"
+    decode = "pil" if kind == "dataloader" else "gpu"
     if decode == "gpu" and CUDA_CONNECTIONS_SET_LATE and device.type == "cuda" and rank == 0:
         print(f"[data] CUDA started before lib.data was imported, with CUDA_DEVICE_MAX_CONNECTIONS unset: "
               f"nvJPEG shares hardware queues with training and decodes up to 2x slower. Import lib.data "
@@ -216,10 +248,42 @@ def _build_imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, wor
     common = dict(device=device, decode=decode, workers=cfg.workers, prefetch=cfg.prefetch,
                   channels_last=cfg.channels_last, max_skipped_fraction=cfg.max_skipped_fraction, seed=seed,
                   rank=rank, world_size=world_size, resolution=resolution, augment=cfg.augment,
-                  cpu_decode_fraction=cfg.cpu_decode_fraction)
-    train = ImageFolderLoader(root / "train", train_paths, train_labels, batch_size, train=True,
+                  cpu_decode_fraction=cfg.cpu_decode_fraction, selective_decode=cfg.selective_decode,
+                  score_cpu_share=cfg.score_cpu_share)
+    if kind == "cache":
+        train_source, val_source = (_image_cache(cfg, root / split, paths, split, rank)
+                                    for split, paths in (("train", train_paths), ("val", val_paths)))
+    else:
+        train_source, val_source = FileSource(root / "train", train_paths), FileSource(root / "val", val_paths)
+    train = ImageFolderLoader(train_source, train_labels, batch_size, train=True,
                               resize_schedule=cfg.resize_schedule, **common)
-    test = ImageFolderLoader(root / "val", val_paths, val_labels, eval_batch_size, train=False, **common)
+    test = ImageFolderLoader(val_source, val_labels, eval_batch_size, train=False, **common)
     return Data(train=train, test=test, num_classes=len(classes), in_channels=3, image_size=resolution,
                 num_train=len(train_labels), num_test=len(val_labels), mean=jpeg.IMAGENET_MEAN,
                 std=jpeg.IMAGENET_STD, classes=classes)
+
+
+def _image_cache(cfg, split_dir, rel_paths, split, rank):
+    """The pre-resized cache of one split (lib/imagecache.py), built on first use: rank 0 builds or completes it
+    while the other ranks wait, then every rank opens it (and checks it matches the folder)."""
+    from lib.imagecache import open_or_build  # errors (other settings, a changed folder) are StorageErrors
+    cache_dir = Path(cfg.cache_dir) / split
+    workers = (os.cpu_count() or 1) if cfg.cache_workers == -1 else cfg.cache_workers
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    kw = dict(side=cfg.cache_side, quality=cfg.cache_quality, log=log)
+    failed = None
+    if rank == 0:
+        try:
+            cache, report = open_or_build(split_dir, rel_paths, cache_dir, workers=workers, verify=cfg.cache_verify,
+                                          **kw)
+        except Exception as e:  # raised after the barrier: the other ranks must not wait for rank 0 forever
+            failed = e
+    barrier()
+    if failed is not None:
+        raise failed
+    if rank != 0:  # built and verified by rank 0: check that it matches the folder and is complete, build nothing
+        cache, report = open_or_build(split_dir, rel_paths, cache_dir, verify=False, build=False, **kw)
+    log(f"[cache] {split}: {report['images']} images, {report['bytes_per_image'] / 1e3:.1f} KB per image, "
+        f"{report['unreadable']} unreadable source files (skipped as the jpeg loader skips them), converted once: "
+        f"{report['converted'] or 'none'}")
+    return cache

@@ -1,11 +1,13 @@
 """JPEG pipeline pieces for ImageFolder datasets: workers read bytes, the GPU decodes and augments.
 
-Worker processes only read files and parse JPEG headers (`read_batch`). The main process decodes a
-whole batch with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`), then random-resized-crop,
-flip and resize run as two batched matrix products (`resized_crop_batch`). Files nvJPEG should not see
-(CMYK, grayscale, progressive, PNG named .JPEG, no end marker) are decoded with PIL in the worker
-instead, one by one, and counted; files PIL cannot read either are skipped, counted and replaced by the
-next readable file. The loader that drives this lives in lib/data.py (`ImageFolderLoader`).
+Worker processes read files (or an image cache's shards) and parse JPEG headers (`read_chunk`). The main
+process decodes a whole batch with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`), then
+random-resized-crop, flip and resize run as two batched matrix products (`resized_crop_batch`). Files nvJPEG
+should not see (CMYK, grayscale, progressive, PNG named .JPEG, no end marker) are decoded with PIL in the
+worker instead, one by one, and counted; files PIL cannot read either are skipped, counted and replaced by the
+next readable file. Selective decoding (batch mode) also makes a low-resolution scoring image per sample in
+the worker from a DCT-scaled decode (`pil_draft_open`), so that only the selected samples are decoded whole.
+The loader that drives this lives in lib/folderloader.py (`ImageFolderLoader`).
 """
 import io
 import math
@@ -157,62 +159,131 @@ def pil_resized_crop(img, top, left, crop_h, crop_w, flip, size):
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
 
 
-# ----------------------------------------------------------------------------- worker side
-def read_batch(root, rel_paths, labels, indices, *, epoch, resolution, augment, seed, gpu_decode,
-               cpu_fraction=0.0):
-    """Read one batch in a worker: encoded bytes + crop boxes for GPU-decodable JPEGs, PIL pixels for the rest.
+def pil_draft_open(data, height, width, box, size):
+    """Decode encoded bytes at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the crop `box` (full-resolution
+    top, left, h, w) at least `size` px on each side: (RGB image, scale). libjpeg scales while it decodes (less
+    inverse-DCT and color work; the entropy decoding stays); non-JPEG bytes decode whole (scale 1)."""
+    if len(data) == 0:
+        raise OSError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise OSError("not an image format PIL can read") from None
+    _, _, crop_h, crop_w = box
+    drafted = img.draft(img.mode, (math.ceil(width * size / crop_w), math.ceil(height * size / crop_h)))
+    scale = width / drafted[1][2] if drafted is not None else 1.0
+    img.load()  # decode now so that truncated files fail here, not later
+    return (img.convert("RGB") if img.mode != "RGB" else img), scale
 
-    `rel_paths` / `labels` cover the whole split; `indices` are this batch's dataset indices. An unreadable file is
-    replaced by the next readable one (index + 1, + 2, ...), so every batch stays full. `cpu_fraction` of the
-    batch positions (spread evenly) are decoded here with PIL even when nvJPEG could take them.
+
+def pil_scoring_image(img, box, flip, size, scale=1.0):
+    """The crop `box` (full-resolution px) of `img` (decoded at 1/scale) resized to size x size with PIL's
+    antialiased bilinear filter, mirrored if `flip`: uint8 array (size, size, 3). The box is mapped to the
+    scaled image exactly (fractional px); the filter may read a pixel past its edge, which is harmless for
+    scoring (the training crop is made from the full image, see pil_resized_crop)."""
+    top, left, crop_h, crop_w = (v / scale for v in box)
+    out = img.resize((size, size), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------- worker side
+class FileSource:
+    """The encoded files of one split, read from disk: read(i) -> bytes, name(i) -> the path (for messages)."""
+
+    def __init__(self, root, rel_paths):
+        self.root, self.rel_paths = str(root), rel_paths
+
+    def __len__(self):
+        return len(self.rel_paths)
+
+    def name(self, index):
+        return os.path.join(self.root, os.fsdecode(self.rel_paths[index]))
+
+    def read(self, index):
+        with open(self.name(index), "rb") as f:
+            return f.read()
+
+
+def _spread(pos, share):
+    """True for a `share` of positions, spread evenly (0, 1/share, 2/share, ...): deterministic, order-free."""
+    return int((pos + 1) * share) > int(pos * share)
+
+
+def read_chunk(source, labels, indices, *, first_pos, epoch, resolution, augment, seed, gpu_decode,
+               cpu_fraction=0.0, score_px=None, score_cpu_share=0.5):
+    """Read one chunk of a batch in a worker: encoded bytes + crop boxes for GPU-decodable JPEGs, PIL pixels for the
+    rest, and (selective decoding, `score_px` set) the scoring images.
+
+    `source` is a FileSource or an image cache (lib/imagecache.py); `labels` cover the whole split; `indices` are
+    the dataset indices of batch positions first_pos, first_pos + 1, ... An unreadable file is replaced by the next
+    readable one (index + 1, + 2, ...), so every batch stays full. `cpu_fraction` of the batch positions (spread
+    evenly) are decoded here with PIL even when nvJPEG could take them.
+
+    Selective decoding (batch mode): score_px=None decodes every GPU-decodable file whole on the GPU (`now`);
+    score_px=0 (nothing is scored: the random control) defers them all until the selection asks for them;
+    score_px > 0 makes a score_px scoring image of every sample: in `score_cpu_share` of the positions from a
+    DCT-scaled PIL decode here (the bytes are kept for a full-resolution decode if selected), in the others from
+    the whole-image GPU decode. Files nvJPEG should not see get their training crop and scoring image from one
+    full PIL decode here.
     """
-    num_files = len(rel_paths)
-    blobs, boxes, sizes, flips, gpu_pos = [], [], [], [], []
-    cpu_images, cpu_pos = [], []
+    blobs, boxes, sizes, flips, gpu_pos, now = [], [], [], [], [], []
+    cpu_images, cpu_pos, score_images, score_pos = [], [], [], []
     out_labels, out_index, skipped, fallback = [], [], [], {}
-    for pos, index in enumerate(indices):
+    for pos, index in enumerate(indices, start=first_pos):
         index = int(index)
         for attempt in range(MAX_REPLACEMENTS + 1):
-            path = os.path.join(root, os.fsdecode(rel_paths[index]))
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = source.read(index)
                 kind, height, width = sniff_jpeg(data)
-                if kind == "baseline" and int((pos + 1) * cpu_fraction) > int(pos * cpu_fraction):
+                if kind == "baseline" and _spread(pos, cpu_fraction):
                     kind = "cpu_share"  # offloaded by choice, not because nvJPEG cannot read it
                 if gpu_decode and kind == "baseline":
                     top, left, ch, cw, flip = crop_params(height, width, augment, seed, epoch, index)
+                    decode_now = score_px is None or (score_px > 0 and not _spread(pos, score_cpu_share))
+                    if not decode_now and score_px:
+                        img, scale = pil_draft_open(data, height, width, (top, left, ch, cw), score_px)
+                        score_images.append(pil_scoring_image(img, (top, left, ch, cw), flip, score_px, scale))
+                        score_pos.append(pos)
                     blobs.append(data)
                     boxes.append((top, left, ch, cw))
                     sizes.append((height, width))
                     flips.append(flip)
                     gpu_pos.append(pos)
+                    now.append(decode_now)
                 else:
                     img = pil_open_rgb(data)
                     top, left, ch, cw, flip = crop_params(img.height, img.width, augment, seed, epoch, index)
                     cpu_images.append(pil_resized_crop(img, top, left, ch, cw, flip, resolution))
                     cpu_pos.append(pos)
+                    if score_px:
+                        score_images.append(pil_scoring_image(img, (top, left, ch, cw), flip, score_px))
+                        score_pos.append(pos)
                     if gpu_decode:
                         fallback[kind] = fallback.get(kind, 0) + 1
                 break
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                skipped.append(f"{path} ({type(e).__name__}: {e})")
-                index = (index + 1) % num_files
+                skipped.append(f"{source.name(index)} ({type(e).__name__}: {e})")
+                index = (index + 1) % len(source)
         else:
-            raise RuntimeError(f"{MAX_REPLACEMENTS + 1} files in a row from {path} are unreadable; the dataset "
-                               f"looks damaged (first errors: {skipped[:3]})")
+            raise RuntimeError(f"{MAX_REPLACEMENTS + 1} files in a row from {source.name(index)} are unreadable; "
+                               f"the dataset looks damaged (first errors: {skipped[:3]})")
         out_labels.append(int(labels[index]))
         out_index.append(index)
     offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(b) for b in blobs])
     # All encoded files in one tensor and the small fields as numpy arrays (pickled inline): each tensor crosses
-    # to the main process through its own shared-memory file and file-descriptor handshake, so keep it to two.
+    # to the main process through its own shared-memory file and file-descriptor handshake, so keep them few.
     blob = None
     if blobs:
         blob = torch.empty(int(offsets[-1]), dtype=torch.uint8)
         view = blob.numpy()
         for data, start in zip(blobs, offsets[:-1].tolist()):
             view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    scores = None
+    if score_images:  # (M, S, S, 3) -> (M, 3, S, S)
+        scores = torch.from_numpy(np.stack(score_images)).permute(0, 3, 1, 2).contiguous()
     return {
         "blob": blob,                                                        # (total bytes,) uint8 or None
         "offsets": offsets,                                                  # (K + 1,) file k = blob[o[k]:o[k+1]]
@@ -220,10 +291,13 @@ def read_batch(root, rel_paths, labels, indices, *, epoch, resolution, augment, 
         "sizes": np.array(sizes, dtype=np.int64).reshape(-1, 2),             # (K, 2) height, width
         "flip": np.array(flips, dtype=bool),                                 # (K,)
         "gpu_pos": np.array(gpu_pos, dtype=np.int64),                        # (K,) places in the batch
-        "cpu_images": torch.stack(cpu_images) if cpu_images else None,       # (F, 3, S, S) uint8 or None
+        "now": np.array(now, dtype=bool),                                    # (K,) decode at once (else if selected)
+        "cpu_images": torch.stack(cpu_images) if cpu_images else None,       # (F, 3, R, R) uint8 or None
         "cpu_pos": np.array(cpu_pos, dtype=np.int64),                        # (F,)
-        "labels": np.array(out_labels, dtype=np.int64),                      # (B,)
-        "index": np.array(out_index, dtype=np.int64),                        # (B,)
+        "score_images": scores,                                              # (M, 3, S, S) uint8 or None
+        "score_pos": np.array(score_pos, dtype=np.int64),                    # (M,)
+        "labels": np.array(out_labels, dtype=np.int64),                      # (n,)
+        "index": np.array(out_index, dtype=np.int64),                        # (n,)
         "skipped": skipped,
         "fallback": fallback,
     }
@@ -286,11 +360,21 @@ def resized_crop_batch(images, boxes, flips, size, compute_dtype=None):
     return out.view(k, size, 3, size).permute(0, 2, 1, 3)                                     # (K, 3, S, S)
 
 
-def decode_jpegs(blob, offsets, device):
-    """Decode the concatenated JPEG files in `blob` (CPU uint8) to a list of (3, H, W) uint8 tensors on `device`."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+def split_blob(blob, offsets):
+    """The files packed in `blob` (CPU uint8) as a list of views, file k = blob[offsets[k]:offsets[k + 1]]."""
     offsets = np.asarray(offsets)
-    views = list(torch.split(blob[int(offsets[0]):int(offsets[-1])], np.diff(offsets).tolist()))  # one call
+    return list(torch.split(blob[int(offsets[0]):int(offsets[-1])], np.diff(offsets).tolist()))  # one call
+
+
+def decode_jpeg_list(views, device):
+    """Decode a list of encoded JPEG files (CPU uint8 tensors) to (3, H, W) uint8 tensors on `device`: one batched
+    nvJPEG call on CUDA, libjpeg-turbo through torchvision on the CPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
     if device.type == "cuda":
         return decode_jpeg(views, mode=ImageReadMode.RGB, device=device)
     return decode_jpeg(views, mode=ImageReadMode.RGB)
+
+
+def decode_jpegs(blob, offsets, device):
+    """Decode the concatenated JPEG files in `blob` (CPU uint8) to a list of (3, H, W) uint8 tensors on `device`."""
+    return decode_jpeg_list(split_blob(blob, offsets), device)

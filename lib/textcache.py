@@ -64,23 +64,25 @@ class CacheMissError(CacheError):
 
 
 # ----------------------------------------------------------------------------- shard format
-def encode_shard(blobs, shape, first) -> bytes:
-    """One shard file from per-image zlib blobs of images of `shape` (C, H, W); `first` is its first position."""
+def encode_shard(blobs, shape, first, magic=SHARD_MAGIC) -> bytes:
+    """One shard file from per-image blobs of images of `shape` (C, H, W); `first` is its first position.
+
+    The format is shared with lib/imagecache.py (JPEG blobs of varying sizes, shape (3, 0, 0), its own magic)."""
     n = len(blobs)
-    head = _HEAD.pack(SHARD_MAGIC, n, *shape, first)
+    head = _HEAD.pack(magic, n, *shape, first)
     offsets = np.empty(n + 1, dtype="<u8")
     offsets[0] = len(head) + 8 * (n + 1)
     offsets[1:] = offsets[0] + np.cumsum([len(b) for b in blobs], dtype=np.uint64)
     return b"".join([head, offsets.tobytes(), *blobs])
 
 
-def parse_header(data: bytes, name="shard"):
+def parse_header(data: bytes, name="shard", magic=SHARD_MAGIC):
     """(n, shape, first, offsets) from the start of a shard file (at least the header and offset table)."""
     if len(data) < _HEAD.size:
         raise CacheError(f"{name} is truncated (no header)")
-    magic, n, c, h, w, first = _HEAD.unpack_from(data)
-    if magic != SHARD_MAGIC:
-        raise CacheError(f"{name} is not a text-image shard (magic {magic!r})")
+    found, n, c, h, w, first = _HEAD.unpack_from(data)
+    if found != magic:
+        raise CacheError(f"{name} is not a shard of this cache (magic {found!r}, expected {magic!r})")
     end = _HEAD.size + 8 * (n + 1)
     if len(data) < end:
         raise CacheError(f"{name} is truncated inside its offset table")
@@ -260,8 +262,9 @@ class ShardStore:
     cache (on Windows, without fcntl, one process at a time).
     """
 
-    def __init__(self, root, max_bytes: int):
+    def __init__(self, root, max_bytes: int, setting: str = "cache.dir"):
         self.root = Path(root)
+        self.setting = setting  # the option that names this folder, for messages
         self.shards = self.root / "shards"
         self.markers = self.root / "markers"
         self.max_bytes = int(max_bytes)
@@ -378,7 +381,7 @@ class ShardStore:
                     return False
             self.marker_path(shard).unlink(missing_ok=True)
             check_free_space(self.shards, len(data) + (1 << 20), f"cache shard {name}",
-                             "free space or point cache.dir to a larger disk, then run the same command again")
+                             f"free space or point {self.setting} to a larger disk, then run the same command again")
             try:
                 lru.put(name, data)
                 atomic_write_json(self.marker_path(shard), {**meta, "bytes": len(data),
@@ -388,9 +391,9 @@ class ShardStore:
                     self.path(shard).unlink(missing_ok=True)
                     self.marker_path(shard).unlink(missing_ok=True)
                     raise StorageError(errno.ENOSPC, f"disk full while writing cache shard {name} under "
-                                                     f"{self.shards}: free space or point cache.dir to a larger "
-                                                     f"disk, then run the same command again (finished shards "
-                                                     f"are kept)") from None
+                                                     f"{self.shards}: free space or point {self.setting} to a "
+                                                     f"larger disk, then run the same command again (finished "
+                                                     f"shards are kept)") from None
                 raise
             self._drop_orphan_markers()
         return True

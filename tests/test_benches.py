@@ -32,9 +32,11 @@ def run_bench(name, args, monkeypatch, capsys):
     ("loop_overhead.py", ["--smoke"], ["lib_vs_minimal_eager"]),
     ("dynvision_speed.py", ["--smoke"], ["samples_per_s_b2", "checkpoint_vs_full_time"]),
     ("data_pipeline.py", ["--smoke=true"], ["new_vs_resident", "standard_vs_resident", "pipeline_only_img_per_s"]),
+    ("ast_jpeg.py", ["--smoke=true"], ["ratio_batch10", "ratio_batch10_cheap", "ratio_epoch10",
+                                       "full_compiled_jpeg_vs_resident", "files", "cache_bytes_per_image"]),
 ])
 def test_bench_smoke_reaches_its_summary(name, args, keys, tmp_path, monkeypatch, capsys):
-    if name == "data_pipeline.py":
+    if name in ("data_pipeline.py", "ast_jpeg.py"):
         args = [*args, f"--root={tmp_path / 'folder'}"]  # never a shared /tmp folder: suites run side by side
     summary = run_bench(name, args, monkeypatch, capsys)
     assert summary["device"] == "cpu"
