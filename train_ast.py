@@ -26,6 +26,10 @@ Modes (ast.mode):
           last-seen loss, a pool that grows over the run (ast.pacing, curriculum_start, curriculum_ramp).
 Measured on real held-out data (bench/ast_quality.py, docs/BENCHMARKS.md): both modes beat random at the same
 backward samples in every setting tried; the old policies stay selectable (ast.batch_policy / epoch_policy=top).
+
+Why one file of ~800 lines: it is the recipe a user copies and edits, read top to bottom as config -> selection ->
+one run in phases (build, train, run_epoch: the hot loop, summarize) -> the comparison runner; the reusable parts
+already live in lib/ (selection, compare, run, loop, data), and what is left here is the loop and its glue.
 """
 import json
 import math

@@ -13,6 +13,9 @@ Consolidated file formats (`consolidate`):
   bytes back to back (offsets count from the end of the header). Read it with `read_container`.
 The marker `<out>.done` is JSON: sha256 and size of the output, the shard paths (and, with
 manifest=True, each shard's size and sha256 so a rerun never deletes a shard rewritten since).
+
+Why one module of ~540 lines: every function here follows the one durability rule above and the
+consolidate/LRU/report parts share its helpers; split it only if a second rule appears.
 """
 import errno
 import hashlib
