@@ -15,9 +15,6 @@ RNG states are converted to lists/tensors, and the config must be plain data (li
 Scripts use this through lib/run.py (Run.resume, Run.save, Run.should_stop); training_state and
 restore_training are what a training script saves and loads. One purpose (checkpoint files and the
 preemption flag that triggers the last one), hence a little over 500 lines.
-
-Why one module of ~550 lines: saving, verifying, pruning and resuming share the marker format and must change
-together; the preemption flag is the one small extra, kept here because saves consume it.
 """
 import collections
 import errno
