@@ -12,9 +12,9 @@ images (real held-out data, never trained on) and trains on the next --train-sam
 Strategies (train_dynvision.py --compare, the real code path, `train_dynvision.run_compare`): full, checkpoint
 (chunks of 10 steps), offload, compress bf16, compress int8, stream with a window shorter than the 4 forward
 delays from V1 to the readout (2 delays: V1 gets no gradient through the feedforward path) and one longer
-(6 delays), stream (long window) + compress int8, and `update_every: [1, 1, 2, 2]` (V4 and IT update every
-second step: a different model). Every strategy of a (dataset, seed) starts from the same weights and sees the
-same batches. Jobs (dataset, seed) run as parallel processes on the one GPU (--workers); peak memory is each
+(6 delays: the losses of the first window reach V1; later windows still cut paths), stream (long window) +
+compress int8, and `update_every: [1, 1, 2, 2]` (V4 and IT update every second step: a different model).
+Every strategy of a (dataset, seed) starts from the same weights and sees the same batches. Jobs (dataset, seed) run as parallel processes on the one GPU (--workers); peak memory is each
 process's own CUDA max_memory_allocated, and step time is measured afterwards with each strategy alone on the
 GPU (--timing-steps steps after the first epoch; 0 = take the parallel runs' times, which share the GPU).
 
@@ -51,7 +51,7 @@ SILHOUETTES = REPO.parent / "shared" / "data" / "animal_silhouettes.npz"
 
 # name: data overrides (root of the npz filled in at run time), epochs
 DATASETS = {
-    "digits": ({"name": "digits", "image_size": 16}, 20),
+    "digits": ({"name": "digits", "image_size": 16}, 15),
     "silhouettes": ({"name": "npz", "image_size": 32}, 8),
 }
 EXACT = ("full", "checkpoint", "offload")
@@ -59,7 +59,7 @@ EXACT = ("full", "checkpoint", "offload")
 
 def strategies(forward_delay):
     """The compared variants: name -> overrides of the run config. Stream windows are relative to the 4 forward
-    delays from V1 to the readout: half of that path (too short) and 1.5 x (long enough)."""
+    delays from V1 to the readout: half of that path (shorter) and 1.5 x (longer)."""
     path = 4 * forward_delay
     short, long = path // 2, path + path // 2
     return {
