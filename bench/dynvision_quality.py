@@ -14,9 +14,10 @@ Strategies (train_dynvision.py --compare, the real code path, `train_dynvision.r
 delays from V1 to the readout (2 delays: V1 gets no gradient through the feedforward path) and one longer
 (6 delays: the losses of the first window reach V1; later windows still cut paths), stream (long window) +
 compress int8, and `update_every: [1, 1, 2, 2]` (V4 and IT update every second step: a different model).
-Every strategy of a (dataset, seed) starts from the same weights and sees the same batches. Jobs (dataset, seed) run as parallel processes on the one GPU (--workers); peak memory is each
-process's own CUDA max_memory_allocated, and step time is measured afterwards with each strategy alone on the
-GPU (--timing-steps steps after the first epoch; 0 = take the parallel runs' times, which share the GPU).
+Every strategy of a (dataset, seed) starts from the same weights and sees the same batches. Jobs (dataset,
+seed) run as parallel processes on the one GPU (--workers); peak memory is each process's own CUDA
+max_memory_allocated, and step time is measured afterwards with each strategy alone on the GPU (--timing-steps
+steps after the first epoch; 0 = take the parallel runs' times, which share the GPU).
 
 Output, JSON lines: one per trained run (accuracy per timestep on the held-out split), one per (dataset,
 strategy) with the final accuracy mean +- std over seeds, the paired difference to full (points; mean +- std
