@@ -238,7 +238,7 @@ def plot(path, by_dataset):
     fig, axes = plt.subplots(1, len(by_dataset), figsize=(6.5 * len(by_dataset), 4), squeeze=False)
     for ax, (dataset, results) in zip(axes[0], by_dataset.items()):
         plot_accuracy_per_step(ax, results, title=f"{dataset}: held-out accuracy per timestep, "
-                                                  f"mean of {len(results)} seeds")
+                                                  f"mean of {len(results)} seed{'s' if len(results) > 1 else ''}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -280,7 +280,11 @@ def main():
         Path(args.out).write_text("")
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
-    scratch = "/dev/shm" if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
+    # run folders (a checkpoint per epoch, fsynced) in memory where there is room: ~20 MB per run
+    import shutil
+    shm = Path("/dev/shm")
+    roomy = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4e9
+    scratch = str(shm) if roomy else None
     by_dataset = {d: {s: {} for s in seeds} for d in names}
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         roots = {d: None for d in names}
