@@ -31,7 +31,6 @@ Why one file of ~800 lines: it is the recipe a user copies and edits, read top t
 one run in phases (build, train, run_epoch: the hot loop, summarize) -> the comparison runner; the reusable parts
 already live in lib/ (selection, compare, run, loop, data), and what is left here is the loop and its glue.
 """
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from lib.compare import load_predictions, save_predictions, write_comparison
 from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, gradient_proxy,
                            importance_weights, inclusion_probabilities, per_sample_loss, significance,
                            stratified_counts, systematic_sample)
-from lib.run import MAY_CHANGE as RUN_MAY_CHANGE, Run, refuse_other_config, run_script
+from lib.run import MAY_CHANGE as RUN_MAY_CHANGE, Run, run_script, run_variants
 from lib.storage import format_report, run_report
 
 MODES = ("full", "batch", "epoch", "random", "budget", "curriculum")
@@ -783,27 +782,14 @@ def run_compare(cfg, info):
     is reused (a preempted comparison resumes where it stopped) if its folder's config equals this one's.
     """
     root = Path(cfg.run.out_dir) / cfg.run.name
-    variants = cfg.compare.runs or DEFAULT_COMPARE
-    seeds = [cfg.run.seed + s for s in range(cfg.compare.seeds)]
-    results, predictions = {}, {}
-    warmed = cfg.compare.warmup_steps == 0 or info.device.type != "cuda"
-    for seed in seeds:
-        folder = root if len(seeds) == 1 else root / f"seed-{seed}"
-        results[seed] = {}
-        for name, overrides in variants.items():
-            vcfg = merge(merge(cfg, overrides), {"compare": {"enabled": False}, "run": {"seed": seed}})
-            run_dir = folder / name
-            done_file = run_dir / "result.json"
-            if done_file.is_file() and vcfg.run.resume != "none":
-                refuse_other_config(run_dir, vcfg, MAY_CHANGE)
-                results[seed][name] = json.loads(done_file.read_text())  # finished before a preemption: keep it
-                say(f"[{name}] already finished, reusing {done_file}")
-            else:
-                if not warmed:
-                    warm_up(cfg, overrides, info, root)
-                    warmed = True
-                results[seed][name] = train(vcfg, info, run_dir, reference=results[seed])
-            predictions[(seed, name)] = load_predictions(run_dir)
+    warm = None
+    if cfg.compare.warmup_steps and info.device.type == "cuda":
+        warm = lambda overrides: warm_up(cfg, overrides, info, root)  # noqa: E731
+    results, dirs = run_variants(cfg, cfg.compare.runs or DEFAULT_COMPARE,
+                                 lambda vcfg, run_dir, reference: train(vcfg, info, run_dir, reference=reference),
+                                 MAY_CHANGE, seeds=cfg.compare.seeds, warm_up=warm, log=say)
+    seeds = list(results)
+    predictions = {key: load_predictions(run_dir) for key, run_dir in dirs.items()}
     if dist.is_main():
         write_comparison(root, results, predictions, say=say)
     return results[seeds[0]] if len(seeds) == 1 else results

@@ -10,36 +10,46 @@
     python train_dynvision.py --config configs/dynvision_t4.yaml --data.root=/data/imagenet
     # any key: --section.key=value, e.g. --memory.strategy=checkpoint --memory.chunk_steps=10
     python train_dynvision.py --config configs/dynvision_debug.yaml --memory.strategy=stream --memory.stream_window_steps=6
+    # check the memory strategies on your data before a long run: full, checkpoint, compress, stream back to back
+    # (compare.runs picks others), then compare.md / compare.csv / accuracy_per_step.png in the run folder
+    python train_dynvision.py --config configs/dynvision_debug.yaml --compare
 
 Memory strategies (memory.strategy): full (plain BPTT), checkpoint (recompute chunks of steps in backward;
 exact), offload (saved activations in pinned host memory; exact), compress (saved activations as int8/bf16;
 approximate), stream (truncated BPTT: each window's loss is backpropagated when the window ends; memory
 constant in the number of steps; approximate); offload+compress, stream+compress, stream+offload combine.
 model.update_every (e.g. [1, 1, 2, 2]) makes later areas update at a lower rate: a different model.
+What each costs in accuracy and temporal dynamics on real data: bench/dynvision_quality.py, docs/BENCHMARKS.md.
 Progressive resolution: data.resize_schedule, e.g. {0: 112, 10: 168, 20: 224} (px by epoch).
 """
 import contextlib
 import csv
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from lib import checkpoint, dist
-from lib.config import ConfigError, to_dict
+from lib.config import ConfigError, merge, to_dict
 from lib.data import DataConfig, build_data
 from lib.dynvision import (AREAS, DyRCNN, LossConfig, MemoryConfig, ModelConfig, check_schedule, count_params,
                            stream_backward, strategy_forward, timestep_loss)
+from lib.dynvision.report import write_strategy_comparison
 from lib.loop import (LoopConfig, OptimConfig, Throughput, TrainStep, build_optimizer, check_micro_batch,
                       per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
 from lib.run import MAY_CHANGE as RUN_MAY_CHANGE
-from lib.run import Run, run_script
+from lib.run import Run, run_script, run_variants
 
 # keys a resumed run may change (they change how the run is carried out, not what it computes)
 MAY_CHANGE = RUN_MAY_CHANGE + ("run.eval_every", "loop.compile", "loop.compile_mode", "loop.memory_budget_gb",
-                               "data.resident_max_gb")
+                               "data.resident_max_gb", "compare")
+# --compare without compare.runs: each strategy with this config's other memory settings
+DEFAULT_COMPARE = {"full": {"memory": {"strategy": "full"}}, "checkpoint": {"memory": {"strategy": "checkpoint"}},
+                   "compress": {"memory": {"strategy": "compress"}}, "stream": {"memory": {"strategy": "stream"}}}
 
 
 # ----------------------------------------------------------------------------- config
@@ -59,6 +69,24 @@ class RunConfig:
 
 
 @dataclass
+class CompareConfig:
+    enabled: bool = False           # train the listed variants back to back into one run folder; compare.md/.csv
+    # name -> overrides of this config, e.g. {int8: {memory: {strategy: compress, compress_dtype: int8}},
+    # slow_it: {model: {update_every: [1, 1, 2, 2]}}}; empty = full, checkpoint, compress, stream
+    runs: dict[str, dict] = field(default_factory=dict)
+    seeds: int = 1                  # every variant with seeds run.seed, run.seed + 1, ...: mean +- std and a paired
+                                    # t-test of each strategy - full over seeds in compare.md
+    warmup_steps: int = 20          # CUDA only: steps of a throwaway run before the first variant, so one-time
+                                    # costs (CUDA start-up, autotuning, kernel compilation) are charged to none
+
+    def validate(self):
+        if self.seeds < 1:
+            raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"compare.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -67,6 +95,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self):
         # delays vs reaction time, chunk vs unrolled steps, stream vs loss mode: fail before any data loads
@@ -263,7 +292,8 @@ def train(cfg, run, parts):
         return timestep_loss(logits, labels, react, cfg.loss.mode, cfg.loss.label_smoothing)
 
     # ---- resume
-    counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0}
+    # first_epoch: [steps, seconds] of epoch 0, which carries the one-time costs (kept out of step_seconds)
+    counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "first_epoch": None}
     state = run.resume(map_location=device)
     if state is not None:
         checkpoint.restore_training(state, model, parts.optimizer, step_fn, counters, run.info.rank, cfg.run.seed)
@@ -277,6 +307,8 @@ def train(cfg, run, parts):
     window_loss, window_steps = torch.zeros((), device=device), 0
     last_acc = None
     done = counters["step"] >= total_steps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(counters["epoch"], cfg.run.epochs):
         if done:
             break
@@ -307,7 +339,11 @@ def train(cfg, run, parts):
                 break
         else:
             counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # once per epoch: the epoch's kernels are in its seconds
         counters["train_seconds"] += time.perf_counter() - t0
+        if epoch == 0 and counters["first_epoch"] is None:
+            counters["first_epoch"] = [counters["step"], counters["train_seconds"]]
         if done and counters["batch_in_epoch"]:
             counters["epoch"], counters["batch_in_epoch"] = epoch + 1, 0
         if run.should_stop() and not done:  # every rank agrees here (a collective under torchrun)
@@ -319,9 +355,20 @@ def train(cfg, run, parts):
     # ---- summary (a rerun of a finished run trained nothing: its result.json is kept, not replaced)
     if last_acc is None and run.previous_result() is None:
         last_acc = evaluate(model, data.test, step_fn.autocast, parts.total_unrolled, cfg.run.eval_batches)
+    steps, seconds = counters["step"], counters["train_seconds"]
+    first = counters["first_epoch"]
+    if first is not None and steps > first[0]:  # one-time costs (first epoch) left out
+        steps, seconds = steps - first[0], seconds - first[1]
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     summary = {"steps": counters["step"], "train_seconds": round(counters["train_seconds"], 2),
+               "step_seconds": seconds / steps if steps else None,
+               "peak_memory_gb": None if peak is None else round(peak, 4),  # None: not measured (CPU)
                "accuracy_per_step": last_acc, "final_accuracy": last_acc[-1] if last_acc else None,
+               "mean_accuracy_after_reaction": sum(last_acc[react:]) / max(1, len(last_acc) - react)
+               if last_acc else None,
                "params": count_params(parts.raw_model), "memory_strategy": cfg.memory.strategy,
+               "memory": to_dict(cfg.memory), "update_every": list(parts.model_cfg.update_every),
+               "n_timesteps": parts.model_cfg.n_timesteps, "dt_ms": parts.model_cfg.dt_ms,
                "areas": AREAS, "reaction_step": react, "unrolled_steps": parts.total_unrolled}
     return run.finish(summary, did_work=counters["step"] > run.start_step)
 
@@ -339,18 +386,57 @@ def evaluate_and_log(cfg, run, parts, epoch, step):
     return acc
 
 
+# ----------------------------------------------------------------------------- comparison
+def train_one(cfg, info, run_dir=None):
+    """One run into run_dir (default <out_dir>/<name>); returns its summary (result.json)."""
+    with Run(cfg, info, may_change=MAY_CHANGE, run_dir=run_dir, log=say) as run:
+        return train(cfg, run, build(cfg, info))
+
+
+def warm_up(cfg, overrides, info, root):
+    """Train a throwaway copy of the first variant for compare.warmup_steps steps (CUDA start-up, cuDNN autotuning
+    and kernel compilation charged to no variant)."""
+    scratch = root / ".warmup"
+    wcfg = merge(merge(cfg, overrides), {"compare": {"enabled": False},
+                                         "run": {"max_steps": cfg.compare.warmup_steps, "resume": "none",
+                                                 "eval_every": 10 ** 6, "eval_batches": 1}})
+    try:
+        train_one(wcfg, info, scratch)
+    finally:
+        if dist.is_main():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_compare(cfg, info):
+    """The strategies of compare.runs back to back with the same seed and data, into <out_dir>/<name>/<variant>/;
+    then compare.md, compare.csv and accuracy_per_step.png there. Finished variants are reused (lib/run.py,
+    run_variants). Returns {name: summary} for one seed, {seed: {name: summary}} for several."""
+    root = Path(cfg.run.out_dir) / cfg.run.name
+    warm = None
+    if cfg.compare.warmup_steps and info.device.type == "cuda":
+        warm = lambda overrides: warm_up(cfg, overrides, info, root)  # noqa: E731
+    results, _ = run_variants(cfg, cfg.compare.runs or DEFAULT_COMPARE,
+                              lambda vcfg, run_dir, reference: train_one(vcfg, info, run_dir),
+                              MAY_CHANGE, seeds=cfg.compare.seeds, warm_up=warm, log=say)
+    if dist.is_main():
+        write_strategy_comparison(root, results, say=say)
+    return results[next(iter(results))] if len(results) == 1 else results
+
+
 # ----------------------------------------------------------------------------- main
 def main(cfg):
-    """Train and evaluate one DyRCNN run; returns the summary written to result.json (Preempted: exit 0)."""
+    """Train and evaluate one DyRCNN run (or, with compare.enabled, each strategy of compare.runs); returns the
+    summary written to result.json (a comparison: {name: summary}). Preempted: exit 0, rerun to resume."""
     info = dist.setup(cfg.run.seed, cfg.run.device)
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a handful of fixed conv shapes: autotune once
     try:
-        with Run(cfg, info, may_change=MAY_CHANGE, log=say) as run:
-            return train(cfg, run, build(cfg, info))
+        if cfg.compare.enabled:
+            return run_compare(cfg, info)
+        return train_one(cfg, info)
     finally:
         dist.cleanup()
 
 
 if __name__ == "__main__":
-    run_script(main, Config(), __doc__)
+    run_script(main, Config(), __doc__, aliases={"--compare": "--compare.enabled=true"})

@@ -160,7 +160,8 @@ def activation_line(name, runs):
     return text + "."
 
 
-def _mean_std(values):
+def mean_std(values):
+    """(mean, sample std) of the values that are not None; std None below two values."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -188,20 +189,20 @@ def write_comparison(root, results, predictions, say=print):
     for name in names:
         runs = by_name[name]
         first = next(iter(runs.values()))
-        m, sd = _mean_std([r.get(metric) for r in runs.values()])
-        m5, _ = _mean_std([r.get("top5") for r in runs.values()])
+        m, sd = mean_std([r.get(metric) for r in runs.values()])
+        m5, _ = mean_std([r.get("top5") for r in runs.values()])
         base = baseline_of(name, results[seeds[0]])
         speedup = 1.0 if first["mode"] == "full" else (_speedup(runs, by_name[base]) if base else None)
-        rate = _mean_std([r["activation_rate"] for r in runs.values()])[0]
+        rate = mean_std([r["activation_rate"] for r in runs.values()])[0]
         flag = ""
         if speedup and rate and speedup > IMPOSSIBLE_SLACK / rate:
             flag = "impossible (> 1 / activation rate: one-time costs charged to full?)"
         rows.append({"run": name, "mode": first["mode"], metric: m, f"{metric}_std": sd, "top5": m5,
-                     "train_seconds": _mean_std([r["train_seconds"] for r in runs.values()])[0],
-                     "forward_samples": _mean_std([r["forward_samples"] for r in runs.values()])[0],
-                     "backward_samples": _mean_std([r["backward_samples"] for r in runs.values()])[0],
+                     "train_seconds": mean_std([r["train_seconds"] for r in runs.values()])[0],
+                     "forward_samples": mean_std([r["forward_samples"] for r in runs.values()])[0],
+                     "backward_samples": mean_std([r["backward_samples"] for r in runs.values()])[0],
                      "activation_rate": rate, "speedup_vs_full": speedup, "speedup_note": flag,
-                     "energy_j": _mean_std([r.get("energy_j") for r in runs.values()])[0]})
+                     "energy_j": mean_std([r.get("energy_j") for r in runs.values()])[0]})
     per_class = _per_class_table(results, predictions, names, metric)
     for row in rows:
         row.update(per_class["summary"].get(row["run"], {}))
@@ -353,10 +354,15 @@ def _fmt(k, v, metric):
     return str(v)
 
 
-def _markdown_table(rows, keys, metric):
+def markdown_table(rows, keys, fmt):
+    """A markdown table of `rows` (dicts), one column per key; fmt(key, value) -> the cell's text."""
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(k, row.get(k), metric) for k in keys) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(k, row.get(k)) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _markdown_table(rows, keys, metric):
+    return markdown_table(rows, keys, lambda k, v: _fmt(k, v, metric))
 
 
 def _write_csv(root, rows, keys, results, metric):

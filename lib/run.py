@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 
 from lib import checkpoint, dist
-from lib.config import ConfigError, parse, to_dict, write_run_info
+from lib.config import ConfigError, merge, parse, to_dict, write_run_info
 from lib.loop import MetricsLog, NonFiniteLossError
 from lib.storage import StorageError, atomic_write_json, disk_full_error, format_report, run_report
 
@@ -252,6 +252,45 @@ class Run:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# ----------------------------------------------------------------------------- variants back to back
+def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, warm_up=None, log=None):
+    """Train the variants ({name: overrides of cfg}) back to back, per seed, into one folder; reuse finished ones.
+
+    Variant `name` of seed s is cfg merged with its overrides, compare.enabled off and run.seed = s, trained into
+    <out_dir>/<name>/<variant>/ (several seeds: <out_dir>/<name>/seed-<s>/<variant>/). A variant whose result.json
+    exists is not retrained (a preempted or rerun comparison goes on where it stopped) if the config in its folder
+    equals this one's, else a ConfigError names the keys that differ; run.resume=none trains every variant again.
+    train_variant(vcfg, run_dir, reference) trains one and returns its summary (reference: the summaries of this
+    seed's variants so far); warm_up(overrides), if given, runs once before the first variant that trains.
+    Returns ({seed: {name: summary}}, {(seed, name): run_dir}).
+    """
+    say = log or (lambda *a: print(*a, flush=True))
+    root = Path(cfg.run.out_dir) / cfg.run.name
+    seed_list = [cfg.run.seed + s for s in range(seeds)]
+    # every variant's config first: a bad override fails before anything trains
+    configs = {(seed, name): merge(merge(cfg, overrides), {"compare": {"enabled": False}, "run": {"seed": seed}})
+               for seed in seed_list for name, overrides in variants.items()}
+    results, dirs = {}, {}
+    for seed in seed_list:
+        folder = root if len(seed_list) == 1 else root / f"seed-{seed}"
+        results[seed] = {}
+        for name, overrides in variants.items():
+            vcfg, run_dir = configs[seed, name], folder / name
+            done_file = run_dir / "result.json"
+            if done_file.is_file() and vcfg.run.resume != "none":
+                refuse_other_config(run_dir, vcfg, may_change)
+                results[seed][name] = json.loads(done_file.read_text())  # finished before: keep it
+                if dist.is_main():
+                    say(f"[{name}] already finished, reusing {done_file}")
+            else:
+                if warm_up is not None:
+                    warm_up(overrides)
+                    warm_up = None
+                results[seed][name] = train_variant(vcfg, run_dir, results[seed])
+            dirs[seed, name] = run_dir
+    return results, dirs
 
 
 # ----------------------------------------------------------------------------- the entry point

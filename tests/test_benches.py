@@ -31,6 +31,7 @@ def run_bench(name, args, monkeypatch, capsys):
     ("ast_speed.py", ["--smoke"], ["speedup_batch_10", "speedup_epoch_10", "speedup_batch_10_cheap_scoring"]),
     ("loop_overhead.py", ["--smoke"], ["lib_vs_minimal_eager"]),
     ("dynvision_speed.py", ["--smoke"], ["samples_per_s_b2", "checkpoint_vs_full_time"]),
+    ("dynvision_quality.py", ["--smoke"], ["worst_curve_correlation"]),
     ("data_pipeline.py", ["--smoke=true"], ["new_vs_resident", "standard_vs_resident", "pipeline_only_img_per_s"]),
     ("ast_jpeg.py", ["--smoke=true"], ["ratio_batch10", "ratio_batch10_cheap", "ratio_epoch10",
                                        "full_compiled_jpeg_vs_resident", "files", "cache_bytes_per_image"]),

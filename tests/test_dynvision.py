@@ -453,3 +453,43 @@ def test_training_resumed_after_sigterm_equals_uninterrupted(tmp_path, monkeypat
     assert got["step"] == ref["step"] == 12
     for k, v in ref["model"].items():
         assert torch.equal(v, got["model"][k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --compare: the strategies back to back into one run folder (issue 18).
+
+def test_compare_writes_one_row_per_strategy_exact_ones_match_full_and_reruns_reuse_or_refuse(tmp_path, monkeypatch):
+    """compare.md/.csv/.png with one row per strategy; checkpoint and offload train to full's weights and
+    accuracy per step; a rerun retrains nothing; a changed config is refused, naming the key."""
+    import csv as csv_module
+    from lib import checkpoint
+    from lib.config import ConfigError
+    runs = {"full": {"memory": {"strategy": "full"}}, "checkpoint": {"memory": {"strategy": "checkpoint"}},
+            "offload": {"memory": {"strategy": "offload", "min_saved_bytes": 0}},
+            "stream": {"memory": {"strategy": "stream", "stream_window_steps": 3}}}
+    over = ["--compare.enabled=true", "--run.max_steps=3", "--run.eval_batches=2", "--data.image_size=8",
+            "--model.channels=[4,6,8,10]"]
+    script, cfg = debug_config(tmp_path, *over)
+    cfg.compare.runs = runs
+    results = script.main(cfg)
+    root = tmp_path / "dynvision_debug"
+    rows = list(csv_module.DictReader(open(root / "compare.csv")))
+    assert [r["run"] for r in rows] == list(runs) and rows[0]["peak_memory_gb"] == "not measured"
+    assert (root / "compare.md").read_text().count("\n| ") == 1 + len(runs)  # header + one row each
+    assert (root / "accuracy_per_step.png").is_file()
+    weights = {name: checkpoint.load(checkpoint.latest(root / name / "checkpoints"))["model"] for name in runs}
+    for name in ("checkpoint", "offload"):
+        assert results[name]["accuracy_per_step"] == results["full"]["accuracy_per_step"]
+        for key, value in weights["full"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-6)
+    assert results["full"]["steps"] == 3 and len(results["full"]["accuracy_per_step"]) == 8
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished strategy was trained again")
+    monkeypatch.setattr(script, "train", no_training)
+    again = script.main(cfg)
+    assert {n: r["final_accuracy"] for n, r in again.items()} == {n: r["final_accuracy"] for n, r in results.items()}
+    _, changed = debug_config(tmp_path, *over, "--optim.lr=0.01")
+    changed.compare.runs = runs
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.003 -> 0.01"):
+        script.main(changed)

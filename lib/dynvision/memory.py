@@ -4,6 +4,21 @@ saved activations compressed to bf16/int8, truncated BPTT over windows (stream);
 later areas update at a lower temporal rate (hierarchical; a different model).
 
 MemoryConfig and check_schedule (the cross-section checks that need the unrolled length) live here too.
+
+What each costs, and when to avoid it (accuracy on real data: bench/dynvision_quality.py, docs/BENCHMARKS.md;
+speed and memory: bench/dynvision_speed.py):
+  checkpoint  exact (full's gradients up to floating-point order); costs a recomputed forward per chunk.
+  offload     exact (the same tensors, copied to host and back); costs host-device copies, slow where the
+              link is slow. Needs pinned host memory for the saved activations.
+  compress    approximate: backward sees saved activations rounded to bf16 or int8 (per-channel scale).
+              Under bf16 autocast, compress_dtype=bf16 changes only the tensors autocast keeps in fp32.
+  stream      approximate: no gradient crosses a window end, so a loss reaches only the states of its own
+              window. Avoid windows shorter than the path from V1 to the readout (4 forward delays, the
+              reaction time): then no loss reaches V1 through the feedforward path, and V1 learns only
+              through skip connections (if their path fits in the window) or not at all.
+  update_every  not a memory strategy but a different model: later areas integrate over longer steps.
+  TODO(lead, after the GPU run of bench/dynvision_quality.py): the measured difference to full and curve
+  correlation of compress bf16/int8, stream (short/long window), stream+compress and update_every [1, 1, 2, 2].
 """
 import contextlib
 import weakref
