@@ -19,6 +19,7 @@ consolidate/LRU/report parts share its helpers; split it only if a second rule a
 """
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -65,6 +66,45 @@ def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+class _HashingWriter:
+    """A write-only, unseekable file: bytes go to `file` and into a sha256 as they pass (one pass, no copy)."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.bytes = file, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def read(self, *_):  # np.savez takes an object with `read` for a file, not a path; never called in mode "w"
+        raise io.UnsupportedOperation("write-only")
+
+
+def atomic_write_stream(path, write, durable: bool = True) -> tuple[int, str]:
+    """Like atomic_write_bytes, for data made while it is written: `write(f)` writes into an unseekable file
+    object (zipfile and np.savez accept one); returns (bytes, sha256 hex) of what was written, hashed on the way."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            out = _HashingWriter(f)
+            write(out)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+    return out.bytes, out.sha256.hexdigest()
 
 
 def atomic_write_json(path, obj, durable: bool = True) -> Path:

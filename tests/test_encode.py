@@ -173,20 +173,21 @@ def test_memory_disk_and_weights_are_checked_before_any_work(tmp_path, monkeypat
 
 
 def test_disk_full_while_writing_keeps_earlier_chunks(tmp_path, monkeypatch):
-    cfg = make_cfg(tmp_path, "full_disk", encode={"consolidate": False})
-    real = encode_stream.atomic_write_bytes
+    # one writer thread: which chunk is the third write is then fixed
+    cfg = make_cfg(tmp_path, "full_disk", encode={"consolidate": False, "write_threads": 1})
+    real = encode_stream.atomic_write_stream
     calls = {"n": 0}
 
-    def fill_up(path, data, durable=True):
+    def fill_up(path, write, durable=True):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data, durable)
+        return real(path, write, durable)
 
-    monkeypatch.setattr(encode_stream, "atomic_write_bytes", fill_up)
+    monkeypatch.setattr(encode_stream, "atomic_write_stream", fill_up)
     with pytest.raises(StorageError, match="chunks written before it are intact"):
         run(cfg)
-    monkeypatch.setattr(encode_stream, "atomic_write_bytes", real)
+    monkeypatch.setattr(encode_stream, "atomic_write_stream", real)
     result = run(cfg)
     assert result["complete"] and result["chunks_done_before"] == 2
     assert outputs(cfg)["embedding"].shape == (359, 32)  # read from the chunks (not consolidated)
