@@ -45,8 +45,8 @@ def parse_widths(widths):
 @dataclass
 class TemporalConfig:
     widths: str = "full"            # encoder channels per stage: full (64/128/256) | small (32/64/128) | a/b/c
-    fusion: str = "conv"            # temporal fusion of the frame embeddings: conv (1-D conv over frames, then
-                                    # mean) | mean (order-free average)
+    fusion: str = "conv"            # temporal fusion of the frame embeddings: conv (1-D conv over frames, then a
+                                    # linear map of all T of them: sees first vs last) | mean (order-free average)
     scalar_hidden: int = 64         # width of the scalar-feature MLP
     head_hidden: int = 256          # width of the fusion head
     checkpoint_frames: bool = False  # recompute each frame slot's encoder in the backward (saves activation memory)
@@ -133,6 +133,7 @@ class TemporalRegressor(nn.Module):
         d = self.encoder.dim
         self.time_embed = nn.Parameter(torch.zeros(1, frames, d))
         self.temporal = nn.Conv1d(d, d, kernel_size=3, padding=1) if cfg.fusion == "conv" else None
+        self.fuse = nn.Linear(frames * d, d) if cfg.fusion == "conv" else None
         self.scalars = nn.Sequential(nn.Linear(max(num_scalars, 1), cfg.scalar_hidden), nn.GELU(),
                                      nn.Linear(cfg.scalar_hidden, cfg.scalar_hidden), nn.GELU())
         self.head = nn.Sequential(nn.Linear(d + cfg.scalar_hidden, cfg.head_hidden), nn.GELU(),
@@ -160,7 +161,9 @@ class TemporalRegressor(nn.Module):
         z = self.encode_frames(frames) + self.time_embed             # (B, T, D)
         if self.temporal is not None:
             z = z + torch.nn.functional.gelu(self.temporal(z.transpose(1, 2))).transpose(1, 2)  # (B, T, D)
-        z = z.mean(dim=1)                                            # (B, D)
+            z = torch.nn.functional.gelu(self.fuse(z.flatten(1)))   # (B, T*D) -> (B, D)
+        else:
+            z = z.mean(dim=1)                                        # (B, D)
         if scalars.shape[1] == 0:
             scalars = scalars.new_zeros(scalars.shape[0], 1)
         s = self.scalars(scalars)                                    # (B, scalar_hidden)

@@ -4,7 +4,7 @@
     python tools/make_temporal_regression.py --out=data/temporal.npz --samples=2000 --size=128 --channels=3
 
 The physics (a satellite-like image sequence of a drifting field, e.g. cloud cells advected by the wind): each sample
-is T frames of an H x W scene observed every `dt` minutes at a ground resolution of `s` km per pixel. One to three
+is T frames of an H x W scene observed every `dt` minutes at a ground resolution of `s` km per pixel. One or two
 structures (Gaussian blobs of random size, brightness and elongation, one colour each) drift together at a constant
 velocity v (km/h) in a random direction; the background holds weak static texture and sensor noise. Between the first
 and the last frame the structures move by
@@ -39,7 +39,7 @@ def make(samples, frames=5, size=24, channels=1, targets=1, seed=0):
     for i in range(samples):
         step = shift_px[i] / (frames - 1) * np.array([np.sin(angle[i]), np.cos(angle[i])])  # px per frame (dy, dx)
         start = rng.uniform(0, size, (1, 2)) - step * (frames - 1) / 2  # the sequence is centred on a random point
-        count = rng.integers(1, 4)
+        count = rng.integers(1, 3)
         offsets = rng.normal(0, size / 6, (count, 2))
         sigma = rng.uniform(1.0, size / 10 + 1.0, (count, 2))
         bright = rng.uniform(90, 160, count)
