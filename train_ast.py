@@ -8,6 +8,11 @@
     torchrun --nproc_per_node=8 train_ast.py --config configs/imagenet_resnet50.yaml --data.root=/data/imagenet
     # any key can be overridden: --section.key=value ; the controls side by side: --compare
     python train_ast.py --config configs/cifar10.yaml --ast.mode=epoch --ast.controller.target_rate=0.2 --compare
+    # regression (data.task=regression): frame sequences + scalars -> km; CPU, seconds: AST vs random vs full in km
+    python tools/make_temporal_regression.py --out=data/temporal_demo.npz --samples=800 --size=24 --channels=1
+    python train_ast.py --config configs/regression_demo.yaml
+    # the T4 presets, with the automatic out-of-memory ladder (memory.fallback=auto, lib/fallback.py)
+    python train_ast.py --config configs/t4_full.yaml --data.root=data/temporal.npz
 
 Modes (ast.mode):
   full    every sample, every step (the baseline).
@@ -26,6 +31,8 @@ Modes (ast.mode):
           last-seen loss, a pool that grows over the run (ast.pacing, curriculum_start, curriculum_ramp).
 Measured on real held-out data (bench/ast_quality.py, docs/BENCHMARKS.md): both modes beat random at the same
 backward samples in every setting tried; the old policies stay selectable (ast.batch_policy / epoch_policy=top).
+Regression: the score is the per-sample loss (MSE or Huber, data.regression_loss); tests report MAE and RMSE in
+target units (km), lower is better.
 
 Why one file of ~800 lines: it is the recipe a user copies and edits, read top to bottom as config -> selection ->
 one run in phases (build, train, run_epoch: the hot loop, summarize) -> the comparison runner; the reusable parts
@@ -44,6 +51,7 @@ from lib import checkpoint, dist
 from lib.config import ConfigError, merge, to_dict
 from lib.data import DataConfig, SelectiveBatch, build_data
 from lib.energy import EnergyMeter
+from lib.fallback import MemoryConfig, MemoryFallbackError, MemoryLadder, Restart, saved_effective
 from lib.loop import (LoopConfig, OptimConfig, Throughput, TrainStep, build_optimizer, check_micro_batch,
                       per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
@@ -175,12 +183,18 @@ class Config:
     loop: LoopConfig = field(default_factory=LoopConfig)
     ast: ASTConfig = field(default_factory=ASTConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 # ----------------------------------------------------------------------------- helpers
 def say(*args):
     if dist.is_main():
         tqdm.write(" ".join(str(a) for a in args))
+
+
+def sample_loss(cfg, outputs, targets, task):
+    """Per-sample training loss (B,): cross-entropy, or the regression loss data.regression_loss."""
+    return per_sample_loss(outputs, targets, task, cfg.data.regression_loss, cfg.data.huber_delta)
 
 
 def batchnorm_layers(model):
@@ -208,14 +222,15 @@ class bn_momentum:
 
 @torch.no_grad()
 def evaluate(model, loader, autocast, task, num_test):
-    """Top-1 / top-5 accuracy (classification) or MSE (regression) on the test loader, and the per-sample results in
+    """Top-1 / top-5 accuracy (classification) or MAE / RMSE in target units (regression, the mean over the target
+    columns) on the test loader, and the per-sample results in
     test-set order. Each sample counts once, also under DDP, where the last shard is padded with repeats: results
     are written into one slot per sample index and combined over ranks."""
     model.eval()
     loader.set_epoch(0)
     device = next(model.parameters()).device
-    first = torch.zeros(num_test, device=device)   # correct at top-1 | squared error
-    top5 = torch.zeros(num_test, device=device)
+    first = torch.zeros(num_test, device=device)   # correct at top-1 | absolute error
+    top5 = torch.zeros(num_test, device=device)    # correct at top-5 | squared error
     labels = torch.full((num_test,), -1, dtype=torch.long, device=device)
     seen = torch.zeros(num_test, device=device)
     for x, y, idx in loader:
@@ -227,7 +242,9 @@ def evaluate(model, loader, autocast, task, num_test):
             top5[idx] = hit.any(1).float()
             labels[idx] = y
         else:
-            first[idx] = per_sample_loss(out.float(), y, task)
+            error = (out.float() - y.float()).reshape(len(y), -1)  # (B, K) in target units
+            first[idx] = error.abs().mean(1)
+            top5[idx] = error.square().mean(1)
         seen[idx] = 1.0
     if dist.is_dist():  # a sample evaluated on two ranks wrote the same slot twice; MAX keeps one copy
         for t in (first, top5, labels, seen):
@@ -239,8 +256,8 @@ def evaluate(model, loader, autocast, task, num_test):
         metrics = {"top1": float(first.sum()) / n, "top5": float(top5.sum()) / n}
         per_sample = {"correct": first.cpu()[valid].to(torch.uint8).numpy(), "label": labels.cpu()[valid].numpy()}
     else:
-        metrics = {"mse": float(first.sum()) / n}
-        per_sample = {"squared_error": first.cpu()[valid].numpy()}
+        metrics = {"mae": float(first.sum()) / n, "rmse": math.sqrt(float(top5.sum()) / n)}
+        per_sample = {"abs_error": first.cpu()[valid].numpy(), "squared_error": top5.cpu()[valid].numpy()}
     per_sample["index"] = torch.nonzero(valid).flatten().numpy()
     return metrics, per_sample
 
@@ -274,9 +291,9 @@ def select_batch(cfg, model, bn_layers, x, y, idx, controller, gen, step_fn, cap
             if xs.shape[-1] != (ast.score_resolution or train_px):
                 xs = F.interpolate(xs, size=ast.score_resolution, mode="bilinear", align_corners=False)
             outputs = model(xs)
-            loss = per_sample_loss(outputs, y, task)
-            s = significance(ast.score, outputs, y, images=xs if lazy else x, loss=loss, task=task,
-                             features=capture.features if capture else None)
+            loss = sample_loss(cfg, outputs, y, task)
+            s = significance(ast.score, outputs, y, images=xs if lazy else getattr(x, "frames", x), loss=loss,
+                             task=task, features=capture.features if capture else None)
         mask = controller.select(s, generator=gen)
         k = int(mask.sum())  # the one host sync per step: the subset size sets the shapes below
         k = subset_size(k, batch, ast.controller.target_rate, ast.round_to, ast.rate_band)
@@ -430,9 +447,10 @@ class Variant:
     match_counts: list | None       # the per-step / per-epoch sample counts of the run this one matches
     total_steps: int
     loader_batch: int               # samples per loader batch on this rank (batch mode: the scoring batch)
+    ladder: MemoryLadder            # memory.fallback: what an out-of-memory step does (lib/fallback.py)
 
 
-def build(cfg, info, name, reference):
+def build(cfg, info, name, reference, ladder):
     """Data, model, optimizer, the training step and the selection state of one variant."""
     ast, device = cfg.ast, info.device
     if ast.mode == "random" and ast.match:
@@ -450,10 +468,12 @@ def build(cfg, info, name, reference):
         raise ConfigError(f"the training set has {data.num_train} samples, fewer than one batch of "
                           f"{loader_batch} per rank x {info.world_size} ranks; lower loop.global_batch")
     check_score(ast.score, data.task)
+    if data.temporal and ast.score_resolution:
+        raise ConfigError("ast.score_resolution rescales images; temporal data is scored at its own size: set it to 0")
 
     torch.manual_seed(cfg.run.seed)  # same init on every rank and for every compare variant
-    model = prepare_model(build_model(cfg.model, data.in_channels, data.num_classes, data.image_size), cfg.loop,
-                          device)
+    model = prepare_model(build_model(cfg.model, data.in_channels, data.num_classes, data.image_size,
+                                      temporal=data.temporal), cfg.loop, device)
     raw_model = checkpoint.unwrap(model)
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -493,25 +513,39 @@ def build(cfg, info, name, reference):
         # batch mode gathers subsets of any size up to the whole scoring batch (its warm-up trains on all of
         # it): never run more than the per-rank training batch through one forward
         micro = per_rank if batch_like else None
-    step_fn = TrainStep(model, optimizer, cfg.loop, cfg.optim, total_steps, device, micro_batch=micro, log=say)
+    step_fn = TrainStep(model, optimizer, cfg.loop, cfg.optim, total_steps, device, micro_batch=micro, log=say,
+                        on_oom=ladder if ladder.active else None)
     say(f"[{name}] mode={ast.mode} model={cfg.model.name} train={n} steps={total_steps} "
         f"global batch={cfg.loop.global_batch} per rank={per_rank} micro={micro or per_rank} "
         f"ranks={info.world_size} precision={step_fn.dtype or 'fp32'} device={device}")
-    return Variant(cfg=cfg, info=info, name=name, batch_like=batch_like, epoch_like=epoch_like, data=data,
-                   model=model, optimizer=optimizer, step_fn=step_fn,
-                   controller=PIController(ast.controller, device),
-                   gen=torch.Generator(device=device).manual_seed(cfg.run.seed + 17 * info.rank),
-                   capture=FeatureCapture(raw_model) if ast.score == "loss_gradnorm" else None,
-                   bn_layers=batchnorm_layers(raw_model), scores=torch.full((n,), float("inf"), device=device),
-                   seen=torch.zeros(n, dtype=torch.bool, device=device),
-                   train_labels=training_labels(data.train) if ast.class_balanced else None,
-                   match_counts=match_counts, total_steps=total_steps, loader_batch=loader_batch)
+    v = Variant(cfg=cfg, info=info, name=name, batch_like=batch_like, epoch_like=epoch_like, data=data,
+                model=model, optimizer=optimizer, step_fn=step_fn,
+                controller=PIController(ast.controller, device),
+                gen=torch.Generator(device=device).manual_seed(cfg.run.seed + 17 * info.rank),
+                capture=FeatureCapture(raw_model) if ast.score == "loss_gradnorm" else None,
+                bn_layers=batchnorm_layers(raw_model), scores=torch.full((n,), float("inf"), device=device),
+                seen=torch.zeros(n, dtype=torch.bool, device=device),
+                train_labels=training_labels(data.train) if ast.class_balanced else None,
+                match_counts=match_counts, total_steps=total_steps, loader_batch=loader_batch, ladder=ladder)
+    ladder.attach(v)  # the in-place rungs (compile off, checkpointing) act on v.model and v.step_fn
+    return v
 
 
 def train(cfg, info, run_dir, reference=None):
-    """Train one variant into run_dir; returns its measured summary (also written to result.json)."""
+    """Train one variant into run_dir; returns its measured summary (also written to result.json). A memory fallback
+    that changes the model or the data (lib/fallback.py) restarts it from step 0 with the effective config."""
+    ladder = MemoryLadder(cfg, run_dir, info.world_size, log=say)
+    while True:
+        try:
+            return train_once(ladder.effective_config(), info, run_dir, reference, ladder)
+        except Restart:
+            ladder.set_aside_checkpoints()
+
+
+def train_once(cfg, info, run_dir, reference, ladder):
     with Run(cfg, info, may_change=MAY_CHANGE, run_dir=run_dir, log=say) as run:   # refuses another config's folder
-        v = build(cfg, info, run.dir.name, reference or {})
+        ladder.write_note(run.dir)  # config.yaml: the effective settings and what the fallbacks changed
+        v = build(cfg, info, run.dir.name, reference or {}, ladder)
 
         # ---- resume
         counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "backward_samples": 0, "score_forward_samples": 0,
@@ -611,9 +645,10 @@ def run_epoch(v, run, counters, epoch, weights):
     def forward_loss(model, inputs, targets):  # epoch-wise runs record each sample's score as it trains
         labels, index = targets
         outputs = model(inputs)
-        loss = per_sample_loss(outputs, labels, v.data.task)
+        loss = sample_loss(cfg, outputs, labels, v.data.task)
         if v.epoch_like:
-            s = significance(ast.score, outputs.detach(), labels, images=inputs, loss=loss.detach(), task=v.data.task,
+            s = significance(ast.score, outputs.detach(), labels, images=getattr(inputs, "frames", inputs),
+                             loss=loss.detach(), task=v.data.task,
                              features=v.capture.features if v.capture else None)
             v.scores[index] = s.float()
             v.seen[index] = True
@@ -705,7 +740,11 @@ def summarize(v, counters, run_dir):
         "target_rate": ast.controller.target_rate if ast.mode != "full" else 1.0, "match": ast.match,
         "budget_of": ast.budget_of, "epochs": cfg.run.epochs, "run_dir": str(run_dir), "classes": v.data.classes,
         **phase_rates(cfg, counters["counts"], n, v.loader_batch, v.batch_like, v.epoch_like),
-        **{k: val for k, val in final.items() if k in ("top1", "top5", "mse")},
+        **{k: val for k, val in final.items() if k in ("top1", "top5", "mae", "rmse")},
+        "target_units": v.data.temporal.get("units"),
+        # every out-of-memory fallback taken, and separately those that changed what was trained
+        "memory_fallback": [r["text"] for r in v.ladder.records],
+        "changed_by_fallback": [r["text"] for r in v.ladder.records if r["changes_model_or_data"]],
     }
 
 
@@ -744,9 +783,9 @@ def auto_micro_batch(model, data, cfg, per_rank, task):
         0.9 * torch.cuda.mem_get_info()[0]
 
     def try_step(b):
-        xb = x[:1].expand(b, *x.shape[1:]).contiguous()
+        xb = x.expand_first(b) if hasattr(x, "expand_first") else x[:1].expand(b, *x.shape[1:]).contiguous()
         yb = y[:1].expand(b, *y.shape[1:]).contiguous()
-        per_sample_loss(model(xb), yb, task).mean().backward()
+        sample_loss(cfg, model(xb), yb, task).mean().backward()
         model.zero_grad(set_to_none=True)
 
     largest = find_micro_batch(try_step, start=8, max_batch=per_rank, budget_bytes=budget, log=say)
@@ -787,7 +826,8 @@ def run_compare(cfg, info):
         warm = lambda overrides: warm_up(cfg, overrides, info, root)  # noqa: E731
     results, dirs = run_variants(cfg, cfg.compare.runs or DEFAULT_COMPARE,
                                  lambda vcfg, run_dir, reference: train(vcfg, info, run_dir, reference=reference),
-                                 MAY_CHANGE, seeds=cfg.compare.seeds, warm_up=warm, log=say)
+                                 MAY_CHANGE, seeds=cfg.compare.seeds, warm_up=warm, log=say,
+                                 effective=saved_effective)
     seeds = list(results)
     predictions = {key: load_predictions(run_dir) for key, run_dir in dirs.items()}
     if dist.is_main():
@@ -813,4 +853,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":  # --help, config errors and user errors as one line (lib/run.py)
-    run_script(main, Config(), __doc__, aliases={"--compare": "--compare.enabled=true"})
+    run_script(main, Config(), __doc__, aliases={"--compare": "--compare.enabled=true"},
+               extra_errors=(MemoryFallbackError,))

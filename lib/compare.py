@@ -2,7 +2,7 @@
 
 Every number comes from what the runs measured in the same invocation: their result.json summaries and their
 per-sample test results (test_predictions.npz: whether each test sample was classified correctly, its label; or
-its squared error for regression). Two runs evaluated on the same test set are compared sample by sample, so
+its absolute and squared error in target units for regression, where MAE is the metric and lower is better). Two runs evaluated on the same test set are compared sample by sample, so
 the uncertainty of one seed's accuracy difference is the paired standard error over the test samples; with
 several seeds it is the spread of the per-seed differences and a paired t-test on them.
 """
@@ -46,12 +46,22 @@ def load_predictions(run_dir):
 
 # ----------------------------------------------------------------------------- the report
 def _metric(results):
-    any_top1 = any(r.get("top1") is not None for per_seed in results.values() for r in per_seed.values())
-    return ("top1", 1.0) if any_top1 else ("mse", -1.0)  # name, sign (+1: higher is better)
+    """(name, sign): top1 (+1, higher is better) for classification, mae (-1, lower is better) for regression."""
+    summaries = [r for per_seed in results.values() for r in per_seed.values()]
+    if any(r.get("top1") is not None for r in summaries):
+        return "top1", 1.0
+    return ("mae", -1.0) if any(r.get("mae") is not None for r in summaries) else ("mse", -1.0)
 
 
 def _per_sample_key(metric):
-    return "correct" if metric == "top1" else "squared_error"
+    return {"top1": "correct", "mae": "abs_error"}.get(metric, "squared_error")
+
+
+def _units(results):
+    """The regression targets' units ('km'), or '' when the runs do not say."""
+    units = next((r.get("target_units") for per in results.values() for r in per.values() if r.get("target_units")),
+                 None)
+    return "/".join(dict.fromkeys(units)) if units else ""
 
 
 def baseline_of(name, runs):
@@ -110,9 +120,9 @@ def compare_pair(results, predictions, ast_name, control, metric, sign):
     return out
 
 
-def verdict_line(pair, metric):
+def verdict_line(pair, metric, units=""):
     """One sentence: does AST beat the control, by how much, with what uncertainty."""
-    unit = "pt" if metric == "top1" else "(MSE)"
+    unit = {"top1": "pt", "mae": f"{units + ' ' if units else ''}MAE"}.get(metric, "(MSE)")
     mean = pair["mean"]
     if mean is None:
         return f"{pair['ast']} vs {pair['control']}: no comparable results."
@@ -128,7 +138,7 @@ def verdict_line(pair, metric):
     else:
         evidence = False
         detail = f"{pair['seeds']} seed(s), no spread available"
-    better = "" if metric == "top1" else " lower"
+    better = "" if metric == "top1" else " lower (lower is better)"
     amount = f"{mean:+.2f}{spread_text} {unit}{better}"
     if mean <= 0:
         return f"**{pair['ast']} does not beat {pair['control']}**: {amount} ({detail})."
@@ -198,6 +208,9 @@ def write_comparison(root, results, predictions, say=print):
         if speedup and rate and speedup > IMPOSSIBLE_SLACK / rate:
             flag = "impossible (> 1 / activation rate: one-time costs charged to full?)"
         rows.append({"run": name, "mode": first["mode"], metric: m, f"{metric}_std": sd, "top5": m5,
+                     "rmse": mean_std([r.get("rmse") for r in runs.values()])[0],
+                     "memory_fallback": "; ".join(dict.fromkeys(t for r in runs.values()
+                                                                for t in r.get("changed_by_fallback") or [])),
                      "train_seconds": mean_std([r["train_seconds"] for r in runs.values()])[0],
                      "forward_samples": mean_std([r["forward_samples"] for r in runs.values()])[0],
                      "backward_samples": mean_std([r["backward_samples"] for r in runs.values()])[0],
@@ -207,19 +220,22 @@ def write_comparison(root, results, predictions, say=print):
     for row in rows:
         row.update(per_class["summary"].get(row["run"], {}))
     pairs = [compare_pair(results, predictions, a, c, metric, sign) for a, c, _ in _comparisons(results, predictions)]
-    verdicts = [verdict_line(p, metric) for p in pairs]
+    units = _units(results)
+    verdicts = [verdict_line(p, metric, units) for p in pairs]
     activations = [activation_line(name, by_name[name]) for name in names
                    if next(iter(by_name[name].values()))["mode"] in AST_MODES]
 
     show_top5 = any(r.get("top5") is not None and r.get("num_classes", 0) > 10
                     for per_seed in results.values() for r in per_seed.values())
     keys = ["run", "mode", metric] + ([f"{metric}_std"] if len(seeds) > 1 else []) + (["top5"] if show_top5 else []) + \
-        ["train_seconds", "forward_samples", "backward_samples", "activation_rate", "speedup_vs_full", "energy_j"]
+        (["rmse"] if metric == "mae" else []) + \
+        ["train_seconds", "forward_samples", "backward_samples", "activation_rate", "speedup_vs_full", "energy_j"] + \
+        (["memory_fallback"] if any(r["memory_fallback"] for r in rows) else [])
     class_keys = [k for k in ("worst_class", "worst_class_top1", "classes_better_than_full",
                               "classes_worse_than_full") if any(k in r for r in rows)]
     _write_csv(root, rows, keys + class_keys + ["speedup_note"], results, metric)
     _write_per_class_csv(root, per_class)
-    table = _markdown_table(rows, keys, metric)
+    table = _markdown_table(rows, keys, metric, units)
     notes = [r["run"] + ": " + r["speedup_note"] for r in rows if r["speedup_note"]]
     seeds_text = f"{len(seeds)} seeds ({', '.join(str(s) for s in seeds)}), mean over seeds" if len(seeds) > 1 \
         else f"seed {seeds[0]}"
@@ -227,7 +243,12 @@ def write_comparison(root, results, predictions, say=print):
             f"after another). train_seconds is the whole run's training wall-clock (warm-up and final full epochs "
             f"included, evaluation excluded) and speedup_vs_full is full's over this run's; forward_samples includes "
             f"batch mode's scoring forward; energy is the GPU driver's counter (NVML), 'not measured' where there is "
-            f"none.\n\n{table}\n")
+            f"none."
+            + (f" Regression: test MAE and RMSE in target units ({units or 'as stored'}), lower is better."
+               if metric == "mae" else "")
+            + (" memory_fallback lists the out-of-memory fallbacks that changed a run's model or data "
+               "(lib/fallback.py; config.yaml holds the effective settings)." if "memory_fallback" in keys else "")
+            + f"\n\n{table}\n")
     if notes:
         text += "\n" + "\n".join(f"- speedup flagged {n}" for n in notes) + "\n"
     if per_class["lines"]:
@@ -354,15 +375,19 @@ def _fmt(k, v, metric):
     return str(v)
 
 
-def markdown_table(rows, keys, fmt):
-    """A markdown table of `rows` (dicts), one column per key; fmt(key, value) -> the cell's text."""
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+def markdown_table(rows, keys, fmt, headers=None):
+    """A markdown table of `rows` (dicts), one column per key; fmt(key, value) -> the cell's text; headers: {key:
+    the column's title} where it differs from the key."""
+    headers = headers or {}
+    lines = ["| " + " | ".join(headers.get(k, k) for k in keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(k, row.get(k)) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _markdown_table(rows, keys, metric):
-    return markdown_table(rows, keys, lambda k, v: _fmt(k, v, metric))
+def _markdown_table(rows, keys, metric, units=""):
+    suffix = f" ({units})" if units else ""
+    headers = {"mae": f"test MAE{suffix}", "rmse": f"test RMSE{suffix}", "mae_std": f"MAE std{suffix}"}
+    return markdown_table(rows, keys, lambda k, v: _fmt(k, v, metric), headers)
 
 
 def _write_csv(root, rows, keys, results, metric):

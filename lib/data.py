@@ -37,15 +37,22 @@ CUDA_CONNECTIONS_SET_LATE = "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ and 
 if not CUDA_CONNECTIONS_SET_LATE:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", CUDA_CONNECTIONS)
 
-NAMES = ("synthetic", "digits", "cifar10", "cifar100", "imagefolder", "npz")
+NAMES = ("synthetic", "digits", "cifar10", "cifar100", "imagefolder", "npz", "temporal")
+TASKS = ("classification", "regression")
+REGRESSION_LOSSES = ("mse", "huber")
 LOADERS = ("auto", "resident", "dataloader", "jpeg", "cache")
 IMAGEFOLDER_DEFAULT_SIZE = 224  # px, when data.image_size = 0
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"            # synthetic | digits | cifar10 | cifar100 | imagefolder | npz
+    name: str = "digits"            # synthetic | digits | cifar10 | cifar100 | imagefolder | npz | temporal
     root: str = "data"              # cifar download dir, ImageFolder root (train/ and val/ inside), or .npz path
+                                    # (temporal: frames, scalars, targets; see lib/temporal_data.py)
+    task: str = "classification"    # classification | regression (data.name=temporal)
+    frames: int = 0                 # temporal: frames per sample used, evenly spaced, first and last kept (0 = all)
+    regression_loss: str = "mse"    # regression: mse | huber (per sample, mean over the target columns)
+    huber_delta: float = 1.0        # huber: where the loss turns from quadratic to linear, in target units (km)
     download: bool = False          # cifar only: download when missing (otherwise a clear error says how)
     image_size: int = 0             # training resolution in px; 0 = native (imagefolder: 224, synthetic: 32)
     num_classes: int = 10           # synthetic only
@@ -91,6 +98,14 @@ class DataConfig:
     def validate(self):
         if self.name not in NAMES:
             raise ConfigError(f"data.name must be one of {', '.join(NAMES)}; got '{self.name}'")
+        if self.task not in TASKS:
+            raise ConfigError(f"data.task must be one of {', '.join(TASKS)}; got '{self.task}'")
+        if (self.task == "regression") != (self.name == "temporal"):
+            raise ConfigError(f"data.task={self.task} with data.name={self.name}: regression reads data.name=temporal "
+                              f"(an .npz of frames, scalars, targets) and temporal data is regression")
+        if self.regression_loss not in REGRESSION_LOSSES or self.huber_delta <= 0 or self.frames < 0:
+            raise ConfigError(f"data.regression_loss must be mse or huber, data.huber_delta > 0 and data.frames >= 0; "
+                              f"got {self.regression_loss}, {self.huber_delta}, {self.frames}")
         if self.loader not in LOADERS:
             raise ConfigError(f"data.loader must be one of {', '.join(LOADERS)}; got '{self.loader}'")
         if self.loader == "resident" and self.name == "imagefolder":
@@ -150,6 +165,8 @@ class Data:
     mean: tuple = ()                # per channel, in 0..1 units for uint8 data (raw units for float npz)
     std: tuple = ()
     classes: list = field(default_factory=list)
+    temporal: dict = field(default_factory=dict)  # temporal regression: frames, num_scalars, target mean/std, names,
+                                                  # units (lib/temporal_data.py)
 
 # ----------------------------------------------------------------------------- build
 def _resident_bytes(*tensors):
@@ -171,6 +188,9 @@ def build_data(cfg, device, batch_size, eval_batch_size=0, seed=0, rank=0, world
     eval_batch_size = eval_batch_size or batch_size
     if cfg.name == "imagefolder":
         return _build_imagefolder(cfg, device, batch_size, eval_batch_size, seed, rank, world_size)
+    if cfg.name == "temporal":
+        from lib.temporal_data import build_temporal
+        return build_temporal(cfg, device, batch_size, eval_batch_size, seed, rank, world_size)
     if cfg.name == "synthetic":
         on_device = cfg.loader in ("auto", "resident")  # worker processes need them in host memory
         x_train, y_train, x_test, y_test, num_classes = _synthetic(cfg, device if on_device else None)

@@ -186,11 +186,12 @@ class TrainStep:
     Call it with the rank's batch and a `forward_loss(model, inputs, targets) -> (B,) per-sample loss`;
     `targets` may be a tensor or a tuple of per-sample tensors, sliced alongside the inputs.
     A CUDA out-of-memory error inside the step halves the micro-batch (doubling accumulation) and redoes
-    the step from zero gradients: no update is lost or applied twice.
+    the step from zero gradients: no update is lost or applied twice. `on_oom(step, batch)` replaces the halving
+    with another policy (lib/fallback.py's ladder); it changes what it must in place and returns, or raises.
     """
 
     def __init__(self, model, optimizer, loop_cfg, optim_cfg, total_steps, device, micro_batch=None,
-                 log=print):
+                 log=print, on_oom=None):
         self.model, self.optimizer = model, optimizer
         self.loop_cfg, self.optim_cfg = loop_cfg, optim_cfg
         self.total_steps, self.device = total_steps, torch.device(device)
@@ -207,6 +208,7 @@ class TrainStep:
         self._bad_in_row = zero.clone()
         self._worst_streak = zero.clone()        # longest non-finite streak since the last check
         self.oom_retries = 0
+        self.on_oom = on_oom
 
     def autocast(self):
         """The autocast context of this loop (a no-op in fp32)."""
@@ -290,6 +292,10 @@ class TrainStep:
 
     def _recover_from_oom(self, batch):
         self.optimizer.zero_grad(set_to_none=True)
+        if self.on_oom is not None:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self.on_oom(self, batch)
         current = self.micro_batch or batch
         if current <= 1:
             raise torch.OutOfMemoryError(

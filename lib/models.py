@@ -1,9 +1,10 @@
-"""Models for the training scripts: a small fast CNN for 32 px data and torchvision ResNet-18/50/101 / ViT-B/16.
+"""Models for the training scripts: a small fast CNN for 32 px data, torchvision ResNet-18/50/101 / ViT-B/16, and the
+temporal regressor of lib/temporal.py (frame sequences + scalars -> targets).
 
 All are built from random init, or from a local weights file (state_dict saved with torch.save; loaded with
 weights_only=True). Nothing is downloaded.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,16 +12,18 @@ import torch.nn as nn
 import torchvision
 
 from lib.config import ConfigError
+from lib.temporal import TemporalConfig, TemporalRegressor
 
-MODELS = ("small_cnn", "resnet18", "resnet50", "resnet101", "vit_b16")
+MODELS = ("small_cnn", "resnet18", "resnet50", "resnet101", "vit_b16", "temporal")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "small_cnn"         # small_cnn | resnet18 | resnet50 | resnet101 | vit_b16
+    name: str = "small_cnn"         # small_cnn | resnet18 | resnet50 | resnet101 | vit_b16 | temporal (regression)
     width: int = 64                 # small_cnn: channels of the first block (doubles per block)
     weights: str = ""               # optional local state_dict file to start from
     small_input: str = "auto"       # resnet: 3x3 stride-1 stem without max-pool for <= 64 px inputs (auto|yes|no)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)  # model.name=temporal (lib/temporal.py)
 
     def validate(self):
         if self.name not in MODELS:
@@ -64,9 +67,16 @@ def _resnet(name, in_channels, num_classes, small_input):
     return model
 
 
-def build_model(cfg, in_channels, num_classes, image_size):
-    """Build `cfg.name` for inputs (in_channels, image_size, image_size) and `num_classes` outputs."""
-    if cfg.name == "small_cnn":
+def build_model(cfg, in_channels, num_classes, image_size, temporal=None):
+    """Build `cfg.name` for inputs (in_channels, image_size, image_size) and `num_classes` outputs; temporal data
+    (`temporal`: lib/temporal_data.py's description of it) needs model.name=temporal and the reverse."""
+    if (cfg.name == "temporal") != bool(temporal):
+        raise ConfigError("model.name=temporal reads temporal data (data.name=temporal) and temporal data needs "
+                          f"model.name=temporal; got model.name={cfg.name}")
+    if cfg.name == "temporal":
+        model = TemporalRegressor(cfg.temporal, in_channels, temporal["frames"], temporal["num_scalars"], num_classes,
+                                  temporal["target_mean"], temporal["target_std"])
+    elif cfg.name == "small_cnn":
         model = SmallCNN(in_channels, num_classes, cfg.width)
     elif cfg.name in ("resnet18", "resnet50", "resnet101"):
         small = image_size <= 64 if cfg.small_input == "auto" else cfg.small_input == "yes"

@@ -255,7 +255,8 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- variants back to back
-def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, warm_up=None, log=None):
+def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, warm_up=None, log=None,
+                 effective=None):
     """Train the variants ({name: overrides of cfg}) back to back, per seed, into one folder; reuse finished ones.
 
     Variant `name` of seed s is cfg merged with its overrides, compare.enabled off and run.seed = s, trained into
@@ -263,7 +264,9 @@ def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, w
     exists is not retrained (a preempted or rerun comparison goes on where it stopped) if the config in its folder
     equals this one's, else a ConfigError names the keys that differ; run.resume=none trains every variant again.
     train_variant(vcfg, run_dir, reference) trains one and returns its summary (reference: the summaries of this
-    seed's variants so far); warm_up(overrides), if given, runs once before the first variant that trains.
+    seed's variants so far); warm_up(overrides), if given, runs once before the first variant that trains;
+    effective(vcfg, run_dir), if given, is the config a finished variant really ran with (what it is checked against:
+    train_ast's memory fallback may have changed it).
     Returns ({seed: {name: summary}}, {(seed, name): run_dir}).
     """
     say = log or (lambda *a: print(*a, flush=True))
@@ -280,7 +283,7 @@ def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, w
             vcfg, run_dir = configs[seed, name], folder / name
             done_file = run_dir / "result.json"
             if done_file.is_file() and vcfg.run.resume != "none":
-                refuse_other_config(run_dir, vcfg, may_change)
+                refuse_other_config(run_dir, effective(vcfg, run_dir) if effective else vcfg, may_change)
                 results[seed][name] = json.loads(done_file.read_text())  # finished before: keep it
                 if dist.is_main():
                     say(f"[{name}] already finished, reusing {done_file}")

@@ -63,8 +63,9 @@ def check_score(name, task="classification"):
                           f"task 'regression'; use 'loss' or 'loss_intensity'")
 
 
-def per_sample_loss(outputs, targets, task="classification"):
-    """Per-sample loss (B,) in float32 (float64 stays): cross-entropy on logits, or MSE over non-batch dims."""
+def per_sample_loss(outputs, targets, task="classification", regression_loss="mse", huber_delta=1.0):
+    """Per-sample loss (B,) in float32 (float64 stays): cross-entropy on logits, or for regression the MSE (or the
+    Huber loss with `huber_delta` in target units) averaged over the non-batch dims."""
     if task == "classification":
         if outputs.dim() != 2:
             raise ValueError(f"classification outputs must be logits of shape (B, C), got {tuple(outputs.shape)}")
@@ -78,8 +79,11 @@ def per_sample_loss(outputs, targets, task="classification"):
             raise ValueError(f"regression outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} "
                              f"must have the same shape")
         batch = outputs.shape[0]
-        squared_error = (_wide(outputs) - _wide(targets)).square()
-        return squared_error.reshape(batch, -1).mean(dim=1)  # (B,)
+        if regression_loss == "huber":
+            error = F.huber_loss(_wide(outputs), _wide(targets), reduction="none", delta=huber_delta)
+        else:
+            error = (_wide(outputs) - _wide(targets)).square()
+        return error.reshape(batch, -1).mean(dim=1)  # (B,)
     raise ValueError(f"unknown task '{task}'{_suggest(task, TASKS)}; choose one of {', '.join(TASKS)}")
 
 

@@ -80,3 +80,9 @@ def test_encode_speed_smoke(tmp_path, monkeypatch, capsys):
     for key in ("encoder_vs_vitb16", "end_to_end_vs_encoder", "end_to_end_samples_per_s", "peak_rss_gb",
                 "disk_write_mb_s", "bytes_per_sample", "imagefolder_samples_per_s", "encoder_flops", "vitb16_flops"):
         assert summary[key] is not None and summary[key] > 0, (key, summary)
+
+
+def test_regression_memory_smoke(monkeypatch, capsys):
+    summary = run_bench("regression_memory.py", ["--smoke"], monkeypatch, capsys)
+    assert set(summary) == {"summary", "ckpt_memory_saving", "ckpt_time_cost", "best_compile_speedup", "device"}
+    assert summary["device"] == "cpu" and summary["ckpt_memory_saving"] > 0  # fewer bytes kept for the backward
