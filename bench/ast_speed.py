@@ -70,15 +70,18 @@ def pretune(cfg, info, args):
     subset shape met in the last epoch made batch_10's "steady state" 3x slower than full). So: forward+backward at
     every subset bucket batch mode can train (train_ast.subset_size over every controller count), and no-grad
     forwards of the scoring batch at each scoring resolution. Returns the seconds spent (reported, not hidden)."""
-    from lib.loop import prepare_model
+    from lib.loop import prepare_model, split_sizes
     from lib.models import build_model
     import time
     model = prepare_model(build_model(cfg.model, 3, cfg.data.num_classes, args.size), cfg.loop, info.device)
     fmt = torch.channels_last if info.device.type == "cuda" else torch.contiguous_format
     dtype = torch.bfloat16 if cfg.loop.precision == "bf16" else torch.float32
     round_to, band = (8 if args.smoke else 32), cfg.ast.rate_band
-    subsets = sorted({train_ast.subset_size(k, args.score_batch, rate, round_to, band)
-                      for rate in (0.1, 0.2) for k in range(args.score_batch + 1)})
+    buckets = {train_ast.subset_size(k, args.score_batch, rate, round_to, band)
+               for rate in (0.1, 0.2) for k in range(args.score_batch + 1)}
+    # a subset larger than the training batch runs as micro-batches of it: its remainder is one more shape (the
+    # H200 run of 2026-12-02 missed these: batch_20's 384..448 subsets paid for 128 and 160 in its timed run)
+    subsets = sorted({m for k in buckets for m in split_sizes(k, args.batch)})
     start = time.perf_counter()
     with torch.autocast(info.device.type, dtype=dtype, enabled=dtype != torch.float32):
         for k in subsets:
