@@ -6,6 +6,11 @@ import torch
 import torch.nn as nn
 
 
+
+def _exporting():
+    """True while torch.export traces the model (export_onnx.py)."""
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
 class _Timeline:
     """Per-step tensors (B, C, H, W) of one signal; entries point into (n*B, C, H, W) blocks, no copies.
 
@@ -101,8 +106,12 @@ class _Run:
                 b = None if module.bias is None else module.bias.to(self.dtype)
                 self.weights[module] = (w, b)
         self.fused = {}
-        self.protected = {t.data_ptr() for pair in self.weights.values() for t in pair if t is not None}
-        self.protected |= {p.data_ptr() for p in self.model.parameters()}
+        # the tensors the memory strategies' saved-tensor hooks must leave alone (weights and their casts), by
+        # address; torch.export has no addresses (torch 2.11's exporter fails on data_ptr) and runs no strategy
+        self.protected = set()
+        if not _exporting():
+            self.protected = {t.data_ptr() for pair in self.weights.values() for t in pair if t is not None}
+            self.protected |= {p.data_ptr() for p in self.model.parameters()}
 
     def fused_weights(self, area):
         """conv2 and the recurrent conv as one conv over [ff, past rate] channels (same math, one kernel)."""
@@ -112,7 +121,8 @@ class _Run:
             w = torch.cat([w2, wr], dim=1).contiguous(memory_format=self.memory_format)
             bias = None if b2 is None else b2 + br
             self.fused[area] = (w, bias)
-            self.protected |= {t.data_ptr() for t in (w, bias) if t is not None}
+            if not _exporting():
+                self.protected |= {t.data_ptr() for t in (w, bias) if t is not None}
         return self.fused[area]
 
     def frames(self, steps):
