@@ -58,6 +58,7 @@ class Config:
     int8: bool = True
     calibration_samples: int = 64   # static quantization: train-split samples that set the activation ranges
     per_channel: bool = True        # int8 weight scales per output channel (False: one per tensor)
+    int8_calibration: str = "minmax"  # static activation ranges: minmax | percentile (99.999%) | entropy
     int8_min_agreement: float = 0.0  # int8 vs fp32 top-1 agreement below this: exit 1, no .int8.onnx (0 = report)
     # CPU latency
     latency: bool = True
@@ -69,6 +70,9 @@ class Config:
     def validate(self):
         if self.samples < 2 or self.calibration_samples < 1:
             raise ConfigError("samples must be >= 2 and calibration_samples >= 1")
+        if self.int8_calibration not in onnx_check.CALIBRATIONS:
+            raise ConfigError(f"int8_calibration must be one of {', '.join(onnx_check.CALIBRATIONS)}, "
+                              f"got '{self.int8_calibration}'")
         if not self.tolerance > 0:
             raise ConfigError(f"tolerance must be > 0, got {self.tolerance}")
         if self.out and not self.out.endswith(".onnx"):
@@ -130,7 +134,8 @@ def export_int8(cfg, model, out, int8_out, tests, calibration, reference, meta, 
     tmp = int8_out.with_name(f".{int8_out.stem}.int8.tmp.{os.getpid()}")
     try:
         try:
-            settings = onnx_check.quantize(model.quantization, out, tmp, calibration.images, cfg.per_channel)
+            settings = onnx_check.quantize(model.quantization, out, tmp, calibration.images, cfg.per_channel,
+                                           calibration_method=cfg.int8_calibration)
         except Exception as e:  # noqa: BLE001 - the quantizer's errors are internal; say which model and step
             raise ExportError(f"int8 quantization ({model.quantization}) of {out} failed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:300]}; {out} itself is complete and checked (pass "

@@ -201,6 +201,8 @@ VARIANTS = {  # static int8 settings of ResNet-50 to compare against the default
     "QDQ, per-tensor weights": {"per_channel": False},
     "QDQ, per-channel, reduce_range (7-bit weights)": {"reduce_range": True},
     "QDQ, per-channel, int8 activations": {"activations": "int8"},
+    "QDQ, per-channel, percentile calibration (99.999%)": {"calibration_method": "percentile"},
+    "QDQ, per-channel, entropy calibration": {"calibration_method": "entropy"},
 }
 
 

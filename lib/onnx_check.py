@@ -142,11 +142,18 @@ class _Calibration:
         self.position = 0
 
 
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+
+
 def quantize(mode, fp32_path, out_path, calibration=None, per_channel=True, quant_format="QDQ",
-             activations="uint8", reduce_range=False):
+             activations="uint8", reduce_range=False, calibration_method="minmax", percentile=99.999):
     """int8 model at out_path; returns its settings. static: int8 weights (per channel by default) and activations
-    (uint8 by default) with ranges calibrated (min/max) on `calibration`, as QDQ pairs around each op (QOperator:
-    QLinear* ops instead); dynamic: int8 weights, activation ranges computed per batch at run time (MatMul, Gemm)."""
+    (uint8 by default) with ranges calibrated on `calibration`, as QDQ pairs around each op (QOperator: QLinear* ops
+    instead); calibration_method: minmax (the observed range: one outlier widens every step), percentile (the range
+    holding `percentile`% of the values), entropy (the range that keeps the histogram's KL divergence lowest);
+    dynamic: int8 weights, activation ranges computed per batch at run time (MatMul, Gemm)."""
+    if calibration_method not in CALIBRATIONS:
+        raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATIONS)}, got '{calibration_method}'")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     weights = "int8 " + ("per-channel" if per_channel else "per-tensor") + (", reduce_range" if reduce_range else "")
@@ -161,9 +168,15 @@ def quantize(mode, fp32_path, out_path, calibration=None, per_channel=True, quan
                             quant_format=getattr(QuantFormat, quant_format), per_channel=per_channel,
                             reduce_range=reduce_range, weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                              "percentile": CalibrationMethod.Percentile,
+                                              "entropy": CalibrationMethod.Entropy}[calibration_method],
+                            extra_options={"CalibPercentile": percentile} if calibration_method == "percentile"
+                            else None)
+            how = {"minmax": "min/max", "percentile": f"{percentile} percentile",
+                   "entropy": "entropy (KL)"}[calibration_method]
             return {"mode": "static", "format": quant_format, "weights": weights,
-                    "activations": f"{activations}, min/max calibration", "calibration_samples": len(calibration)}
+                    "activations": f"{activations}, {how} calibration", "calibration_samples": len(calibration)}
         quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
                          reduce_range=reduce_range)
         return {"mode": "dynamic", "weights": weights, "activations": "uint8, range computed per batch at run time"}

@@ -14,7 +14,7 @@ import torch
 import export_onnx
 from lib import checkpoint, export, onnx_check
 from lib.checkpoint import CheckpointError
-from lib.config import merge, parse
+from lib.config import ConfigError, merge, parse
 from lib.storage import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,3 +188,14 @@ def test_dyrcnn_unrolled_exports_every_step(smoke):
     source = export.load_source(str(folder / "dyrcnn_x4"))
     model = export.find_family(source.config).build(source, None)
     check_dynamic_batch(folder / "dyrcnn_x4.onnx", model.module, model.input_shape, model.output_names)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_int8_calibration_methods_give_an_int8_model_close_to_fp32(runs, tmp_path, method):
+    report = export_onnx.main(export_cfg(runs / "ast", tmp_path / "m.onnx", int8_calibration=method))
+    int8 = report["int8"]
+    assert method.split()[0] in int8["settings"]["activations"] or "KL" in int8["settings"]["activations"]
+    assert int8["quantized_ops"].get("QuantizeLinear", 0) > 0
+    assert int8["rel_err"] < 0.2  # int8 logits stay near fp32's (a broken calibration gives errors near 1)
+    with pytest.raises(ConfigError, match="int8_calibration"):
+        export_cfg(runs / "ast", tmp_path / "x.onnx", int8_calibration="kl")
