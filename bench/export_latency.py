@@ -164,7 +164,7 @@ def encoder_run(folder, model_section, size):
     return run
 
 
-def export(run, out, args, samples_count):
+def export_run(run, out, args, samples_count):
     cfg = merge(export_onnx.Config(), {"checkpoint": str(run), "out": str(out), "samples": samples_count,
                                        "calibration_samples": args.calibration, "threads": args.threads,
                                        "warmup": args.warmup, "repeats": args.repeats})
@@ -280,7 +280,7 @@ def main(argv=None):
     # the encoder has no classes to agree on: its cosine similarities need fewer samples than a top-1 agreement
     counts = {"resnet50": args.eval_samples, "rvit_b16": min(args.eval_samples, 64), "dyrcnn_x4": args.eval_samples}
     for name, run in runs.items():
-        report = export(run, folder / f"{name}.onnx", args, counts[name])
+        report = export_run(run, folder / f"{name}.onnx", args, counts[name])
         lines[name] = model_line(report["model"], report)
         emit(**lines[name])
         if name == "resnet50" and args.variants:

@@ -162,13 +162,16 @@ def smoke(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        export_latency.main(["--smoke", "--keep", str(folder)])
+        export_latency.main(["--smoke", "--keep", str(folder), "--variants"])
     return folder, [json.loads(line) for line in out.getvalue().strip().splitlines()]
 
 
 def test_bench_smoke(smoke):
     _, lines = smoke
-    assert [line.get("model") for line in lines[:3]] == ["small_cnn", "rvit", "dyrcnn_x4"]
+    models = [line.get("model") for line in lines if "variant" not in line and not line.get("summary")]
+    assert models == ["small_cnn", "rvit", "dyrcnn_x4"]
+    variants = [line for line in lines if "variant" in line]  # --variants: every int8 setting quantized and timed
+    assert len(variants) == 7 and all(0 <= v["int8_top1_agreement"] <= 1 for v in variants)
     summary = lines[-1]
     assert summary["summary"] and summary["max_abs_err_fp32"] <= 1e-4 and summary["device"].startswith("CPU")
     assert 0 <= summary["int8_top1_agreement_resnet50"] <= 1 and summary["int8_vs_fp32_ort_speedup_b32_resnet50"] > 0
