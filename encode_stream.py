@@ -37,7 +37,7 @@ count) is refused with the reason. Without model.weights the encoder is randomly
 in the summary and in manifest.json.
 A rerun of a finished encoding with encode.consolidate=false re-verifies every chunk and encodes corrupt ones
 again. The run folder, the config check, preemption and the storage report are lib/run.py's; the chunk store, its
-writer thread, the copy off the GPU and the consolidation stay here with the loop they serve (hence over 500 lines).
+writer threads, the copy off the GPU and the consolidation stay here with the loop they serve (hence over 500 lines).
 """
 import errno
 import hashlib

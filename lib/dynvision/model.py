@@ -9,7 +9,7 @@ delay long by default. The Euler scan is one autograd node that keeps only its o
 it is one Triton kernel per run. Max pooling recomputes its argmax in backward instead of storing int64
 indices, per-step views of a block come from one torch.split, and weights are cast once per forward.
 Nothing in the forward syncs with the host, so a whole training step can be captured in a CUDA graph
-(see bench/dynvision_speed.py). Measured on one H100: docs/bench/dynvision_speed.jsonl.
+(see bench/dynvision_speed.py). Measured on one H200: docs/bench/dynvision_speed.jsonl.
 
 A little over 500 lines: the configs stay next to the model they build, and DyRCNN is one class.
 """
