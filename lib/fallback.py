@@ -205,7 +205,8 @@ class MemoryLadder:
         if getattr(raw, "checkpoint_frames", True):  # on already, or a model without frames
             return None
         raw.checkpoint_frames = True
-        return "per-frame activation checkpointing on", {"model.temporal.checkpoint_frames": True}
+        how = "selective" if raw.cfg.checkpoint_mode == "selective" else "per-frame"  # model.temporal.checkpoint_mode
+        return f"{how} activation checkpointing on", {"model.temporal.checkpoint_frames": True}
 
     def _fewer_frames(self, step_fn, batch):
         frames = getattr(self._raw(), "frames", None)

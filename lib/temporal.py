@@ -12,7 +12,10 @@ Memory: the encoder's activations at full resolution dominate a step (B x T imag
 H x W), not the ~1.6 M weights or their AdamW state. `checkpoint_frames` runs the encoder of each frame slot under
 torch.utils.checkpoint (non-reentrant): the forward keeps only the frame inputs and the embeddings; the backward
 recomputes one frame slot at a time, so its activations are live for 1/T of the batch instead of all of it, for
-one extra encoder forward. GroupNorm, not BatchNorm: the result does not depend on how the batch is split into
+one extra encoder forward. `checkpoint_mode: selective` instead keeps every convolution's output and recomputes
+only GroupNorm and GELU in the backward (torch's selective activation checkpointing, one region per GroupNorm ->
+GELU -> next convolution, over all frames at once): about a third of the encoder's activations kept (a conv output
+per block, against conv output, norm output and activation per block), no convolution recomputed. GroupNorm, not BatchNorm: the result does not depend on how the batch is split into
 micro-batches or frame slots, and a recomputed forward updates no running statistics, so checkpointing and
 micro-batching (the memory fallbacks that do not change the model) compute the same gradients.
 """
@@ -20,12 +23,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lib.config import ConfigError
 
 WIDTH_PRESETS = {"full": (64, 128, 256), "small": (32, 64, 128)}
 FUSIONS = ("conv", "mean")
+CHECKPOINT_MODES = ("frames", "selective")
 
 
 def parse_widths(widths):
@@ -49,11 +53,17 @@ class TemporalConfig:
                                     # linear map of all T of them: sees first vs last) | mean (order-free average)
     scalar_hidden: int = 64         # width of the scalar-feature MLP
     head_hidden: int = 256          # width of the fusion head
-    checkpoint_frames: bool = False  # recompute each frame slot's encoder in the backward (saves activation memory)
+    checkpoint_frames: bool = False  # activation checkpointing of the frame encoder (saves activation memory), as:
+    checkpoint_mode: str = "frames"  # frames: each frame slot's encoder recomputed in the backward (the least memory,
+                                    # one more encoder forward) | selective: conv outputs kept, GroupNorm + GELU
+                                    # recomputed (more memory than frames, far less recompute)
     groups: int = 8                 # GroupNorm groups (capped by the channel count)
 
     def validate(self):
         parse_widths(self.widths)
+        if self.checkpoint_mode not in CHECKPOINT_MODES:
+            raise ConfigError(f"model.temporal.checkpoint_mode must be one of {', '.join(CHECKPOINT_MODES)}, "
+                              f"got '{self.checkpoint_mode}'")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"model.temporal.fusion must be one of {', '.join(FUSIONS)}, got '{self.fusion}'")
         if self.scalar_hidden < 1 or self.head_hidden < 1 or self.groups < 1:
@@ -112,13 +122,40 @@ class FrameEncoder(nn.Module):
         self.proj = nn.Linear(w3 * 16, w3)
         self.dim = w3
 
-    def forward(self, x):                                            # (N, C, H, W)
+    def forward(self, x, selective=False):                           # (N, C, H, W)
         n, _, h, w = x.shape
         ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
         x = torch.cat([x, ys, xs], dim=1)                            # (N, C + 2, H, W)
-        x = self.stage3(self.stage2(self.stage1(x)))                 # (N, w3, H/4, W/4)
+        if selective:
+            x = self._selective_blocks(x)
+        else:
+            x = self.stage3(self.stage2(self.stage1(x)))             # (N, w3, H/4, W/4)
         return self.proj(self.pool(x).flatten(1))                    # (N, w3)
+
+    def _selective_blocks(self, x):
+        """The three stages with only the conv outputs kept: each region GroupNorm -> GELU -> next conv takes the
+        previous conv's output and gives the next one (the same tensor the next region keeps as its input), and the
+        convolution inside is cached, not recomputed, so the backward recomputes only the norm and the activation."""
+        blocks = [*self.stage1, *self.stage2, *self.stage3]          # each nn.Sequential(conv, norm, act)
+        h = blocks[0][0](x)                                          # (N, w1, H, W): the first conv output
+        for prev, nxt in zip(blocks, blocks[1:]):
+            h = checkpoint(_norm_act_conv, prev, nxt, h, use_reentrant=False, preserve_rng_state=False,
+                           context_fn=_keep_conv_outputs)
+        return blocks[-1][2](blocks[-1][1](h))                       # the last norm + act, kept as usual
+
+
+def _norm_act_conv(prev, nxt, h):
+    return nxt[0](prev[2](prev[1](h)))                               # conv(act(norm(h)))
+
+
+def _save_convolutions(ctx, op, *args, **kwargs):
+    conv = op in (torch.ops.aten.convolution.default, torch.ops.aten.cudnn_convolution.default)
+    return CheckpointPolicy.MUST_SAVE if conv else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_conv_outputs():
+    return create_selective_checkpoint_contexts(_save_convolutions)
 
 
 class TemporalRegressor(nn.Module):
@@ -146,6 +183,8 @@ class TemporalRegressor(nn.Module):
 
     def encode_frames(self, frames):                                 # (B, T, C, H, W)
         b, t = frames.shape[:2]
+        if self.checkpoint_frames and torch.is_grad_enabled() and self.cfg.checkpoint_mode == "selective":
+            return self.encoder(frames.flatten(0, 1), selective=True).view(b, t, -1)   # (B, T, D)
         if self.checkpoint_frames and torch.is_grad_enabled():
             # one checkpoint per frame slot: only its input (B, C, H, W) and output (B, D) stay alive; no RNG
             # inside the encoder, so no RNG state to save and restore

@@ -92,5 +92,6 @@ def test_encode_speed_smoke(tmp_path, monkeypatch, capsys):
 
 def test_regression_memory_smoke(monkeypatch, capsys):
     summary = run_bench("regression_memory.py", ["--smoke"], monkeypatch, capsys)
-    assert set(summary) == {"summary", "ckpt_memory_saving", "ckpt_time_cost", "best_compile_speedup", "device"}
+    assert set(summary) == {"summary", "ckpt_memory_saving", "ckpt_time_cost", "best_compile_speedup", "device",
+                            "selective_memory_saving", "selective_time_cost"}
     assert summary["device"] == "cpu" and summary["ckpt_memory_saving"] > 0  # fewer bytes kept for the backward
