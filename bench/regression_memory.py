@@ -1,8 +1,10 @@
 """Temporal regression model (lib/temporal.py), full widths 64/128/256, AdamW, batch 20, 5 frames of 3x128x128: peak
 memory and step time with and without per-frame checkpointing, eager and each torch.compile mode, in one run.
 
-    # one GPU (about 3 minutes on an H200, most of it compiling; bf16 autocast)
-    python bench/regression_memory.py --out=docs/bench/regression_memory.jsonl
+    # one GPU, bf16 autocast: eager, default and reduce-overhead took 28 s on an H200 (2026-12-02)
+    python bench/regression_memory.py --modes=eager,default,reduce-overhead --out=$OUT/regression_memory.jsonl
+    # + max-autotune: its compile (Triton matmul autotuning) ran past 215 s on the H200 and was stopped there
+    python bench/regression_memory.py --out=$OUT/regression_memory.jsonl
     # CPU, seconds (the tests run it): tiny sizes, eager only; memory = bytes saved for backward
     python bench/regression_memory.py --smoke
 
