@@ -17,8 +17,9 @@ speed and memory: bench/dynvision_speed.py):
               reaction time): then no loss reaches V1 through the feedforward path, and V1 learns only
               through skip connections (if their path fits in the window) or not at all.
   update_every  not a memory strategy but a different model: later areas integrate over longer steps.
-  TODO(lead, after the GPU run of bench/dynvision_quality.py): the measured difference to full and curve
-  correlation of compress bf16/int8, stream (short/long window), stream+compress and update_every [1, 1, 2, 2].
+  Not measured yet: the accuracy cost of compress bf16/int8, stream (short/long window), stream+compress and
+  update_every [1, 1, 2, 2] on real data (bench/dynvision_quality.py measures it; it has not run on a GPU). Check a
+  strategy on your data first: train_dynvision.py --compare.
 """
 import contextlib
 import weakref
