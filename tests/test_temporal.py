@@ -233,3 +233,16 @@ def test_checkpoint_modes_hold_less_for_the_backward(tmp_path):
     plain, frames, selective = (int(v) for v in out)
     assert plain > 20e6  # the measure sees the activations at all
     assert selective < 0.5 * plain and frames < 0.2 * plain, (plain, frames, selective)
+
+
+def test_film_fusion_starts_as_the_concat_head_and_bad_values_are_refused():
+    x, _ = tiny_batch()
+    film = tiny_model()                      # scalar_fusion=film by default, its FiLM layer zero-initialized
+    concat = TemporalRegressor(TemporalConfig(widths="4/8/16", groups=2, scalar_hidden=8, head_hidden=8,
+                                              scalar_fusion="concat"), 1, 3, 2, 2)
+    missing, unexpected = concat.load_state_dict(film.state_dict(), strict=False)
+    assert not missing and unexpected == ["film.weight", "film.bias"]
+    with torch.no_grad():
+        torch.testing.assert_close(film(x), concat(x))
+    with pytest.raises(ConfigError, match="scalar_fusion"):
+        TemporalConfig(scalar_fusion="sum").validate()
