@@ -49,13 +49,14 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
-    """Write `data` to `path` via temp file + os.replace (+ fsync of file and folder when durable)."""
+def _atomic_write(path, write, durable):
+    """The durability rule: `write(f)` into a temp file in the same folder -> flush (+ fsync) -> os.replace onto
+    `path` (+ fsync of the folder); the temp file is removed if anything fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -66,6 +67,11 @@ def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
     if durable:
         fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
+    """Write `data` to `path` via temp file + os.replace (+ fsync of file and folder when durable)."""
+    return _atomic_write(path, lambda f: f.write(data), durable)
 
 
 class _HashingWriter:
@@ -89,22 +95,13 @@ class _HashingWriter:
 def atomic_write_stream(path, write, durable: bool = True) -> tuple[int, str]:
     """Like atomic_write_bytes, for data made while it is written: `write(f)` writes into an unseekable file
     object (zipfile and np.savez accept one); returns (bytes, sha256 hex) of what was written, hashed on the way."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            out = _HashingWriter(f)
-            write(out)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-    return out.bytes, out.sha256.hexdigest()
+    hashed = []
+
+    def write_hashed(f):
+        hashed.append(_HashingWriter(f))
+        write(hashed[0])
+    _atomic_write(path, write_hashed, durable)
+    return hashed[0].bytes, hashed[0].sha256.hexdigest()
 
 
 def atomic_write_json(path, obj, durable: bool = True) -> Path:
