@@ -60,7 +60,7 @@ from lib.compare import load_predictions, save_predictions, write_comparison
 from lib.selection import (ControllerConfig, FeatureCapture, PIController, check_score, gradient_proxy,
                            importance_weights, inclusion_probabilities, per_sample_loss, significance,
                            stratified_counts, systematic_sample)
-from lib.run import MAY_CHANGE as RUN_MAY_CHANGE, Run, run_script, run_variants
+from lib.run import MAY_CHANGE as RUN_MAY_CHANGE, CompareConfig, Run, run_script, run_variants
 from lib.storage import format_report, run_report
 
 MODES = ("full", "batch", "epoch", "random", "budget", "curriculum")
@@ -154,24 +154,6 @@ class ASTConfig:
             raise ConfigError("ast.curriculum_start and ast.curriculum_ramp must be in (0, 1]")
         if not 0 <= self.final_full_fraction < 1:
             raise ConfigError(f"ast.final_full_fraction must be in [0, 1), got {self.final_full_fraction}")
-
-
-@dataclass
-class CompareConfig:
-    enabled: bool = False           # run the listed variants back to back and write compare.md / compare.csv
-    # name -> overrides of this config, e.g. {random: {ast: {mode: random, match: ast}}}; empty = the defaults:
-    # full, ast (this config's ast section), random, budget and curriculum (each matched to ast)
-    runs: dict[str, dict] = field(default_factory=dict)
-    seeds: int = 1                  # run every variant with seeds run.seed, run.seed + 1, ...: mean +- std and a
-                                    # paired t-test of AST - control over seeds in compare.md
-    warmup_steps: int = 20          # CUDA only: steps of a throwaway run before the first variant, so one-time
-                                    # costs (CUDA/cuDNN start-up, autotuning) are charged to no variant
-
-    def validate(self):
-        if self.seeds < 1:
-            raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"compare.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass

@@ -42,7 +42,7 @@ from lib.loop import (LoopConfig, OptimConfig, Throughput, TrainStep, build_opti
                       per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
 from lib.run import MAY_CHANGE as RUN_MAY_CHANGE
-from lib.run import Run, run_script, run_variants
+from lib.run import CompareConfig, Run, run_script, run_variants
 
 # keys a resumed run may change (they change how the run is carried out, not what it computes)
 MAY_CHANGE = RUN_MAY_CHANGE + ("run.eval_every", "loop.compile", "loop.compile_mode", "loop.memory_budget_gb",
@@ -66,24 +66,6 @@ class RunConfig:
     checkpoint_every: int = 0       # optimizer steps between checkpoints (0 = at the end of each epoch only)
     keep_checkpoints: int = 3
     resume: str = "auto"            # auto (latest complete checkpoint in the run folder) | none | <path>
-
-
-@dataclass
-class CompareConfig:
-    enabled: bool = False           # train the listed variants back to back into one run folder; compare.md/.csv
-    # name -> overrides of this config, e.g. {int8: {memory: {strategy: compress, compress_dtype: int8}},
-    # slow_it: {model: {update_every: [1, 1, 2, 2]}}}; empty = full, checkpoint, compress, stream
-    runs: dict[str, dict] = field(default_factory=dict)
-    seeds: int = 1                  # every variant with seeds run.seed, run.seed + 1, ...: mean +- std and a paired
-                                    # t-test of each strategy - full over seeds in compare.md
-    warmup_steps: int = 20          # CUDA only: steps of a throwaway run before the first variant, so one-time
-                                    # costs (CUDA start-up, autotuning, kernel compilation) are charged to none
-
-    def validate(self):
-        if self.seeds < 1:
-            raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"compare.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass

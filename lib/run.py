@@ -255,6 +255,25 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- variants back to back
+@dataclasses.dataclass
+class CompareConfig:
+    enabled: bool = False           # train the listed variants back to back into one run folder; compare.md / .csv
+    runs: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> overrides of this config, e.g.
+                                    # {random: {ast: {mode: random, match: ast}}}; empty = the script's defaults
+                                    # (train_ast: full, ast, random, budget, curriculum; train_dynvision: full,
+                                    # checkpoint, compress, stream)
+    seeds: int = 1                  # every variant with seeds run.seed, run.seed + 1, ...: mean +- std and a paired
+                                    # t-test of each variant - its control over seeds in compare.md
+    warmup_steps: int = 20          # CUDA only: steps of a throwaway run before the first variant, so one-time
+                                    # costs (CUDA/cuDNN start-up, autotuning, kernel compilation) go to no variant
+
+    def validate(self):
+        if self.seeds < 1:
+            raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"compare.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
 def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, warm_up=None, log=None,
                  effective=None):
     """Train the variants ({name: overrides of cfg}) back to back, per seed, into one folder; reuse finished ones.
