@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lib import checkpoint, dist
-from lib.config import ConfigError, merge, to_dict
+from lib.config import ConfigError, to_dict
 from lib.data import DataConfig, SelectiveBatch, build_data
 from lib.energy import EnergyMeter
 from lib.fallback import MemoryConfig, MemoryFallbackError, MemoryLadder, Restart, saved_effective
@@ -781,21 +781,6 @@ DEFAULT_COMPARE = {"full": {"ast": {"mode": "full"}}, "ast": {},
                    "random": {"ast": {"mode": "random", "match": "ast"}},
                    "budget": {"ast": {"mode": "budget", "budget_of": "ast"}},
                    "curriculum": {"ast": {"mode": "curriculum", "match": "ast"}}}
-def warm_up(cfg, overrides, info, root):
-    """Train a throwaway copy of the first variant for compare.warmup_steps steps, so that one-time costs (CUDA
-    and cuDNN start-up, autotuning the batch shapes) are charged to no variant's train_seconds."""
-    import shutil
-    scratch = root / ".warmup"
-    wcfg = merge(merge(cfg, overrides), {"compare": {"enabled": False},
-                                         "run": {"max_steps": cfg.compare.warmup_steps, "resume": "none",
-                                                 "eval_every": 10 ** 6}})
-    try:
-        train(wcfg, info, scratch)
-    finally:
-        if dist.is_main():
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
 def run_compare(cfg, info):
     """Run the variants back to back, per seed (compare.seeds); write compare.md, compare.csv and per_class.csv.
 
@@ -803,13 +788,10 @@ def run_compare(cfg, info):
     is reused (a preempted comparison resumes where it stopped) if its folder's config equals this one's.
     """
     root = Path(cfg.run.out_dir) / cfg.run.name
-    warm = None
-    if cfg.compare.warmup_steps and info.device.type == "cuda":
-        warm = lambda overrides: warm_up(cfg, overrides, info, root)  # noqa: E731
     results, dirs = run_variants(cfg, cfg.compare.runs or DEFAULT_COMPARE,
                                  lambda vcfg, run_dir, reference: train(vcfg, info, run_dir, reference=reference),
-                                 MAY_CHANGE, seeds=cfg.compare.seeds, warm_up=warm, log=say,
-                                 effective=saved_effective)
+                                 MAY_CHANGE, seeds=cfg.compare.seeds, log=say, effective=saved_effective,
+                                 warmup_steps=cfg.compare.warmup_steps if info.device.type == "cuda" else 0)
     seeds = list(results)
     predictions = {key: load_predictions(run_dir) for key, run_dir in dirs.items()}
     if dist.is_main():

@@ -25,7 +25,6 @@ Progressive resolution: data.resize_schedule, e.g. {0: 112, 10: 168, 20: 224} (p
 import contextlib
 import csv
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from lib import checkpoint, dist
-from lib.config import ConfigError, merge, to_dict
+from lib.config import ConfigError, to_dict
 from lib.data import DataConfig, build_data
 from lib.dynvision import (AREAS, DyRCNN, LossConfig, MemoryConfig, ModelConfig, check_schedule, count_params,
                            stream_backward, strategy_forward, timestep_loss)
@@ -375,31 +374,16 @@ def train_one(cfg, info, run_dir=None):
         return train(cfg, run, build(cfg, info))
 
 
-def warm_up(cfg, overrides, info, root):
-    """Train a throwaway copy of the first variant for compare.warmup_steps steps (CUDA start-up, cuDNN autotuning
-    and kernel compilation charged to no variant)."""
-    scratch = root / ".warmup"
-    wcfg = merge(merge(cfg, overrides), {"compare": {"enabled": False},
-                                         "run": {"max_steps": cfg.compare.warmup_steps, "resume": "none",
-                                                 "eval_every": 10 ** 6, "eval_batches": 1}})
-    try:
-        train_one(wcfg, info, scratch)
-    finally:
-        if dist.is_main():
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
 def run_compare(cfg, info):
     """The strategies of compare.runs back to back with the same seed and data, into <out_dir>/<name>/<variant>/;
     then compare.md, compare.csv and accuracy_per_step.png there. Finished variants are reused (lib/run.py,
     run_variants). Returns {name: summary} for one seed, {seed: {name: summary}} for several."""
     root = Path(cfg.run.out_dir) / cfg.run.name
-    warm = None
-    if cfg.compare.warmup_steps and info.device.type == "cuda":
-        warm = lambda overrides: warm_up(cfg, overrides, info, root)  # noqa: E731
     results, _ = run_variants(cfg, cfg.compare.runs or DEFAULT_COMPARE,
                               lambda vcfg, run_dir, reference: train_one(vcfg, info, run_dir),
-                              MAY_CHANGE, seeds=cfg.compare.seeds, warm_up=warm, log=say)
+                              MAY_CHANGE, seeds=cfg.compare.seeds, log=say,
+                              warmup_steps=cfg.compare.warmup_steps if info.device.type == "cuda" else 0,
+                              warmup_run={"eval_batches": 1})
     if dist.is_main():
         write_strategy_comparison(root, results, say=say)
     return results[next(iter(results))] if len(results) == 1 else results

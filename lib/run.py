@@ -35,6 +35,7 @@ import dataclasses
 import inspect
 import io
 import json
+import shutil
 import sys
 import textwrap
 import tokenize
@@ -274,8 +275,8 @@ class CompareConfig:
             raise ConfigError(f"compare.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, warm_up=None, log=None,
-                 effective=None):
+def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, warmup_steps=0, warmup_run=None,
+                 log=None, effective=None):
     """Train the variants ({name: overrides of cfg}) back to back, per seed, into one folder; reuse finished ones.
 
     Variant `name` of seed s is cfg merged with its overrides, compare.enabled off and run.seed = s, trained into
@@ -283,7 +284,9 @@ def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, w
     exists is not retrained (a preempted or rerun comparison goes on where it stopped) if the config in its folder
     equals this one's, else a ConfigError names the keys that differ; run.resume=none trains every variant again.
     train_variant(vcfg, run_dir, reference) trains one and returns its summary (reference: the summaries of this
-    seed's variants so far); warm_up(overrides), if given, runs once before the first variant that trains;
+    seed's variants so far). warmup_steps > 0: before the first variant that trains, a throwaway copy of it trains
+    that many steps in <out_dir>/<name>/.warmup/ (removed after; run overrides `warmup_run` on top), so one-time costs
+    (CUDA/cuDNN start-up, autotuning, kernel compilation) are charged to no variant;
     effective(vcfg, run_dir), if given, is the config a finished variant really ran with (what it is checked against:
     train_ast's memory fallback may have changed it).
     Returns ({seed: {name: summary}}, {(seed, name): run_dir}).
@@ -307,12 +310,21 @@ def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, w
                 if dist.is_main():
                     say(f"[{name}] already finished, reusing {done_file}")
             else:
-                if warm_up is not None:
-                    warm_up(overrides)
-                    warm_up = None
+                if warmup_steps:
+                    _throwaway_run(vcfg, root / ".warmup", train_variant, warmup_steps, warmup_run)
+                    warmup_steps = 0
                 results[seed][name] = train_variant(vcfg, run_dir, results[seed])
             dirs[seed, name] = run_dir
     return results, dirs
+
+
+def _throwaway_run(vcfg, scratch, train_variant, steps, run_overrides):
+    wcfg = merge(vcfg, {"run": {"max_steps": steps, "resume": "none", "eval_every": 10 ** 6, **(run_overrides or {})}})
+    try:
+        train_variant(wcfg, scratch, {})
+    finally:
+        if dist.is_main():
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the entry point

@@ -197,3 +197,24 @@ def test_dynvision_rerun_keeps_the_result_and_a_changed_config_is_refused(tmp_pa
     with pytest.raises(ConfigError, match=r"memory.strategy: 'checkpoint' -> 'full'"):
         train_dynvision.main(cfg("--memory.strategy=full"))
     assert result_file.read_bytes() == stored
+
+
+def test_run_variants_warms_up_once_in_a_throwaway_folder(tmp_path):
+    import train_ast
+    from lib.config import merge
+    from lib.run import run_variants
+    cfg = merge(train_ast.Config(), {"run": {"out_dir": str(tmp_path), "name": "cmp", "max_steps": 0}})
+    calls = []
+
+    def train_variant(vcfg, run_dir, reference):
+        calls.append((Path(run_dir).name, vcfg.run.max_steps, vcfg.run.resume, vcfg.run.eval_every,
+                      Path(run_dir).exists()))
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return {"name": Path(run_dir).name}
+
+    variants = {"a": {"ast": {"mode": "full"}}, "b": {"ast": {"mode": "batch"}}}
+    results, dirs = run_variants(cfg, variants, train_variant, warmup_steps=3, warmup_run={"eval_every": 7})
+    # the throwaway copy of the first variant trains 3 steps, never resumes, and its folder is gone afterwards
+    assert calls[0] == (".warmup", 3, "none", 7, False) and [c[0] for c in calls[1:]] == ["a", "b"]
+    assert calls[1][1] == 0 and not (tmp_path / "cmp" / ".warmup").exists()
+    assert set(results[cfg.run.seed]) == {"a", "b"} and dirs[cfg.run.seed, "b"] == tmp_path / "cmp" / "b"
