@@ -16,9 +16,9 @@ The samples are cut into chunks of encode.chunk_samples consecutive samples; a c
 and of resume. Rank r encodes the unfinished chunks r, r + W, ... (W ranks) and writes each one as
 `chunks/chunk-000012.npz` (index, key, valid + one array per output) with a JSON marker holding its size and
 sha256, both via temp file + fsync + rename; a chunk without a matching marker does not exist. Host memory is
-bounded: finished chunks wait for encode.write_threads writer threads in a queue of encode.write_queue chunks. At the end rank 0
-joins the chunks into one .npy per output (written through a memory map, a chunk at a time), writes manifest.json
-and removes the chunks. Read the result with `read_outputs(run_dir)`.
+bounded: finished chunks wait for encode.write_threads writer threads in a queue of encode.write_queue chunks. At
+the end rank 0 joins the chunks into one .npy per output (written through a memory map, a chunk at a time), writes
+manifest.json and removes the chunks. Read the result with `read_outputs(run_dir)`.
 
 Input: data.* (any lib/data dataset, split encode.split, read in order) or, with cache.dir set, a build_cache.py
 cache in sample order (lib/encode_input.py: whole shards read ahead by threads; grayscale images replicated to 3
@@ -71,9 +71,9 @@ MANIFEST_FORMAT = "frugal-encode-1"
 # settings that change speed, not the encoded values: a resumed run may change them (every other key must match
 # the run that wrote the chunks already there, or its outputs would mix two encoders)
 MAY_CHANGE = RUN_MAY_CHANGE + ("data.loader", "data.resident_max_gb", "data.max_skipped_fraction",
-                               "data.channels_last", "encode.batch_size", "encode.write_queue", "encode.write_threads", "encode.max_host_gb",
-                               "encode.consolidate", "encode.compile", "cache.readers", "cache.prefetch",
-                               "cache.dir")  # cache.dir: the cache's content is checked by its fingerprint
+                               "data.channels_last", "encode.batch_size", "encode.write_queue", "encode.write_threads",
+                               "encode.max_host_gb", "encode.consolidate", "encode.compile", "cache.readers",
+                               "cache.prefetch", "cache.dir")  # cache.dir: the cache's content is checked by its fingerprint
 WORK = ("chunks/chunk-*.json", "manifest.json")  # what makes a folder hold an encoding
 RANDOM_WEIGHTS = ("model.weights is empty: the encoder is RANDOMLY INITIALIZED (seed run.seed), so these outputs are "
                   "not features of a trained model; set --model.weights=/path/to/state_dict.pt")
@@ -202,8 +202,8 @@ class ChunkWriter:
 
     A chunk arrives as a function giving (arrays, meta) (finish_chunk): the wait for its copies off the GPU and its
     host-side checks happen here, not in the loop. Chunks are independent files with their own markers, so several
-    are written at once (zip CRC, sha256 and file writes release the GIL): one thread writes about 4,000 samples/s
-    of the plan's outputs, less than one H200 encodes."""
+    are written at once (zip CRC, sha256 and file writes release the GIL): one writer thread held an H200 run at
+    2,881 samples/s of the plan's outputs, against 6,572 for the encoder alone (docs/BENCHMARKS.md)."""
 
     def __init__(self, store, depth, on_written, threads=2):
         self.store, self.on_written = store, on_written

@@ -2,9 +2,10 @@
 
 Every number comes from what the runs measured in the same invocation: their result.json summaries and their
 per-sample test results (test_predictions.npz: whether each test sample was classified correctly, its label; or
-its absolute and squared error in target units for regression, where MAE is the metric and lower is better). Two runs evaluated on the same test set are compared sample by sample, so
-the uncertainty of one seed's accuracy difference is the paired standard error over the test samples; with
-several seeds it is the spread of the per-seed differences and a paired t-test on them.
+its absolute and squared error in target units for regression, where MAE is the metric and lower is better). Two
+runs evaluated on the same test set are compared sample by sample, so the uncertainty of one seed's accuracy
+difference is the paired standard error over the test samples; with several seeds it is the spread of the per-seed
+differences and a paired t-test on them.
 """
 import csv
 import json
