@@ -73,7 +73,8 @@ MANIFEST_FORMAT = "frugal-encode-1"
 MAY_CHANGE = RUN_MAY_CHANGE + ("data.loader", "data.resident_max_gb", "data.max_skipped_fraction",
                                "data.channels_last", "encode.batch_size", "encode.write_queue", "encode.write_threads",
                                "encode.max_host_gb", "encode.consolidate", "encode.compile", "cache.readers",
-                               "cache.prefetch", "cache.dir")  # cache.dir: the cache's content is checked by its fingerprint
+                               "cache.prefetch", "cache.dir")  # cache.dir: the cache's content is checked by
+                                                                 # its fingerprint
 WORK = ("chunks/chunk-*.json", "manifest.json")  # what makes a folder hold an encoding
 RANDOM_WEIGHTS = ("model.weights is empty: the encoder is RANDOMLY INITIALIZED (seed run.seed), so these outputs are "
                   "not features of a trained model; set --model.weights=/path/to/state_dict.pt")

@@ -10,8 +10,8 @@ memory and step time with and without per-frame checkpointing, eager and each to
 
 What dominates the peak: the encoder's activations. The step pushes B x T = 100 frames through 64-channel maps at
 128 x 128 (each such map is 1 M values per frame); the 2.9 M weights with their gradients and AdamW state are about
-46 MB (weights_grads_adamw_gb in each line). Per-frame checkpointing keeps each frame slot's input and embedding and recomputes one slot (B frames) at a
-time in the backward, so activations are live for 1/T of the frames at once.
+46 MB (weights_grads_adamw_gb in each line). Per-frame checkpointing keeps each frame slot's input and embedding
+and recomputes one slot (B frames) at a time in the backward, so activations are live for 1/T of the frames at once.
 
 Per variant (eager | default | reduce-overhead | max-autotune) x (plain | checkpointed), a fresh model from the same
 seed: `--warmup` steps (the compile happens in the first; its wall time is compile_s), then `--steps` timed steps with

@@ -12,10 +12,10 @@ target units (the head's output is scaled by the training targets' mean and std,
 and errors are in km).
 
 Memory: the encoder's activations at full resolution dominate a step (B x T images through 64-channel maps at
-H x W), not the weights (2.9 M for full widths) or their AdamW state. `checkpoint_frames` runs the encoder of each frame slot under
-torch.utils.checkpoint (non-reentrant): the forward keeps only the frame inputs and the embeddings; the backward
-recomputes one frame slot at a time, so its activations are live for 1/T of the batch instead of all of it, for
-one extra encoder forward. `checkpoint_mode: selective` instead keeps every convolution's output and recomputes
+H x W), not the weights (2.9 M for full widths) or their AdamW state. `checkpoint_frames` runs the encoder of each
+frame slot under torch.utils.checkpoint (non-reentrant): the forward keeps only the frame inputs and the embeddings;
+the backward recomputes one frame slot at a time, so its activations are live for 1/T of the batch instead of all
+of it, for one extra encoder forward. `checkpoint_mode: selective` instead keeps every convolution's output and recomputes
 only GroupNorm and GELU in the backward (torch's selective activation checkpointing, one region per GroupNorm ->
 GELU -> next convolution, over all frames at once): about a third of the encoder's activations kept (a conv output
 per block, against conv output, norm output and activation per block), no convolution recomputed. GroupNorm, not
