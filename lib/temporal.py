@@ -16,10 +16,10 @@ H x W), not the weights (2.9 M for full widths) or their AdamW state. `checkpoin
 frame slot under torch.utils.checkpoint (non-reentrant): the forward keeps only the frame inputs and the embeddings;
 the backward recomputes one frame slot at a time, so its activations are live for 1/T of the batch instead of all
 of it, for one extra encoder forward. `checkpoint_mode: selective` instead keeps every convolution's output and
-recomputes only GroupNorm and GELU in the backward (torch's selective activation checkpointing, one region per GroupNorm ->
-GELU -> next convolution, over all frames at once): about a third of the encoder's activations kept (a conv output
-per block, against conv output, norm output and activation per block), no convolution recomputed. GroupNorm, not
-BatchNorm: the result does not depend on how the batch is split into micro-batches or frame slots, and a recomputed
+recomputes only GroupNorm and GELU in the backward (torch's selective activation checkpointing, one region per
+GroupNorm -> GELU -> next convolution, over all frames at once): about a third of the encoder's activations kept (a
+conv output per block, against conv output, norm output and activation per block), no convolution recomputed.
+GroupNorm, not BatchNorm: the result does not depend on how the batch is split into micro-batches or frame slots, and a recomputed
 forward updates no running statistics, so checkpointing and micro-batching (the memory fallbacks that do not change
 the model) compute the same gradients.
 """
