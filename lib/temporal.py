@@ -7,19 +7,19 @@ One CNN encodes every frame (shared weights); a temporal convolution over the fr
 the differences between neighbouring frames, which is what a displacement is made of); an MLP encodes the scalars,
 which also scale and shift the fused frame features (FiLM, `scalar_fusion: film`: physical targets are often a
 product, such as a motion in pixels times a pixel scale in km, which a head that only sees both side by side learns
-poorly: on the demo set it stayed at what the scalars alone explain); a fusion head maps both to K outputs in
-target units (the head's output is scaled by the training targets' mean and std, buffers set by the data, so losses
-and errors are in km).
+poorly: on the demo set it stayed at what the scalars alone explain); a fusion head maps both to K outputs in target
+units (the head's output is scaled by the training targets' mean and std, buffers set by the data, so losses and
+errors are in km).
 
-Memory: the encoder's activations at full resolution dominate a step (B x T images through 64-channel maps at
-H x W), not the weights (2.9 M for full widths) or their AdamW state. `checkpoint_frames` runs the encoder of each
-frame slot under torch.utils.checkpoint (non-reentrant): the forward keeps only the frame inputs and the embeddings;
-the backward recomputes one frame slot at a time, so its activations are live for 1/T of the batch instead of all
-of it, for one extra encoder forward. `checkpoint_mode: selective` instead keeps every convolution's output and
-recomputes only GroupNorm and GELU in the backward (torch's selective activation checkpointing, one region per
-GroupNorm -> GELU -> next convolution, over all frames at once): about a third of the encoder's activations kept (a
-conv output per block, against conv output, norm output and activation per block), no convolution recomputed.
-GroupNorm, not BatchNorm: the result does not depend on how the batch is split into micro-batches or frame slots, and a recomputed
+Memory: the encoder's activations at full resolution dominate a step (B x T images through 64-channel maps at H x
+W), not the weights (2.9 M for full widths) or their AdamW state. `checkpoint_frames` runs the encoder of each frame
+slot under torch.utils.checkpoint (non-reentrant): the forward keeps only the frame inputs and the embeddings; the
+backward recomputes one frame slot at a time, so its activations are live for 1/T of the batch instead of all of it,
+for one extra encoder forward. `checkpoint_mode: selective` instead keeps every convolution's output and recomputes
+only GroupNorm and GELU in the backward (torch's selective activation checkpointing, one region per GroupNorm ->
+GELU -> next convolution, over all frames at once): about a third of the encoder's activations kept (a conv output
+per block, against conv output, norm output and activation per block), no convolution recomputed. GroupNorm, not
+BatchNorm: the result does not depend on how the batch is split into micro-batches or frame slots, and a recomputed
 forward updates no running statistics, so checkpointing and micro-batching (the memory fallbacks that do not change
 the model) compute the same gradients.
 """
