@@ -36,7 +36,7 @@ from lib.config import ConfigError, to_dict
 from lib.data import DataConfig, build_data
 from lib.dynvision import (AREAS, DyRCNN, LossConfig, MemoryConfig, ModelConfig, check_schedule, count_params,
                            stream_backward, strategy_forward, timestep_loss)
-from lib.dynvision.report import write_strategy_comparison
+from lib.dynvision.report import after_reaction, write_strategy_comparison
 from lib.loop import (LoopConfig, OptimConfig, Throughput, TrainStep, build_optimizer, check_micro_batch,
                       per_rank_batch, prepare_model)
 from lib.memory import find_micro_batch, plan_accumulation
@@ -345,8 +345,7 @@ def train(cfg, run, parts):
                "step_seconds": seconds / steps if steps else None,
                "peak_memory_gb": None if peak is None else round(peak, 4),  # None: not measured (CPU)
                "accuracy_per_step": last_acc, "final_accuracy": last_acc[-1] if last_acc else None,
-               "mean_accuracy_after_reaction": sum(last_acc[react:]) / max(1, len(last_acc) - react)
-               if last_acc else None,
+               "mean_accuracy_after_reaction": after_reaction(last_acc, react) if last_acc else None,
                "params": count_params(parts.raw_model), "memory_strategy": cfg.memory.strategy,
                "memory": to_dict(cfg.memory), "update_every": list(parts.model_cfg.update_every),
                "n_timesteps": parts.model_cfg.n_timesteps, "dt_ms": parts.model_cfg.dt_ms,

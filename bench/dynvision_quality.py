@@ -54,7 +54,6 @@ DATASETS = {
     "digits": ({"name": "digits", "image_size": 16}, 15),
     "silhouettes": ({"name": "npz", "image_size": 32}, 8),
 }
-EXACT = ("full", "checkpoint", "offload")
 
 
 def strategies(forward_delay):
@@ -166,13 +165,9 @@ def step_times_alone(dataset, args, out_dir, data_root):
     return {name: r["step_seconds"] for name, r in results.items()}
 
 
-def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 def strategy_records(dataset, results, alone):
     """Per strategy of one dataset: lib/dynvision/report.strategy_rows plus the plateau check and the bars."""
+    from lib.compare import mean_std
     from lib.dynvision.report import strategy_rows
     records = []
     for row in strategy_rows(results):
@@ -180,7 +175,7 @@ def strategy_records(dataset, results, alone):
         runs = [results[s][name] for s in results]
         gains = [100 * (r["final_accuracy"] - r["earlier_final_accuracy"]) for r in runs
                  if r.get("earlier_final_accuracy") is not None]
-        exact = name in EXACT
+        exact = row["exact"]  # checkpoint / offload (and full): full BPTT's gradients of the default model
         d, c = row["minus_full_pt"], row["curve_correlation"]
         if name == "full":
             bar = None
@@ -200,7 +195,7 @@ def strategy_records(dataset, results, alone):
             "step_seconds": alone.get(name) if alone else row["step_seconds"],
             "step_seconds_measured": "alone on the device" if alone else "in the parallel runs (shared device)",
             "peak_memory_gb": row["peak_memory_gb"],
-            "plateau_gain_pt": mean(gains), "bar_met": bar})
+            "plateau_gain_pt": mean_std(gains)[0], "bar_met": bar})
     return records
 
 

@@ -301,7 +301,7 @@ def run_variants(cfg, variants, train_variant, may_change=MAY_CHANGE, seeds=1, w
     for seed in seed_list:
         folder = root if len(seed_list) == 1 else root / f"seed-{seed}"
         results[seed] = {}
-        for name, overrides in variants.items():
+        for name in variants:
             vcfg, run_dir = configs[seed, name], folder / name
             done_file = run_dir / "result.json"
             if done_file.is_file() and vcfg.run.resume != "none":

@@ -26,10 +26,13 @@ def is_exact(summary):
     return all(p in EXACT_PARTS for p in parts) and all(e == 1 for e in summary.get("update_every", [1]))
 
 
-def after_reaction(summary):
+def after_reaction(accuracy_per_step, reaction_step):
     """Mean accuracy over the steps from the reaction step on."""
-    acc, react = summary["accuracy_per_step"], summary["reaction_step"]
-    return sum(acc[react:]) / max(1, len(acc) - react)
+    return sum(accuracy_per_step[reaction_step:]) / max(1, len(accuracy_per_step) - reaction_step)
+
+
+def _after_reaction(summary):
+    return after_reaction(summary["accuracy_per_step"], summary["reaction_step"])
 
 
 def curve_correlation(a, b, start=0):
@@ -50,9 +53,9 @@ def strategy_rows(results, baseline="full"):
         runs = {s: results[s][name] for s in seeds if name in results[s]}
         base = {s: results[s].get(baseline) for s in runs}
         finals = [r["final_accuracy"] for r in runs.values()]
-        reacted = [after_reaction(r) for r in runs.values()]
+        reacted = [_after_reaction(r) for r in runs.values()]
         diffs = [100 * (r["final_accuracy"] - base[s]["final_accuracy"]) for s, r in runs.items() if base[s]]
-        reacted_diffs = [100 * (after_reaction(r) - after_reaction(base[s])) for s, r in runs.items() if base[s]]
+        reacted_diffs = [100 * (_after_reaction(r) - _after_reaction(base[s])) for s, r in runs.items() if base[s]]
         corrs = [curve_correlation(r["accuracy_per_step"], base[s]["accuracy_per_step"], r["reaction_step"])
                  for s, r in runs.items() if base[s]]
         corrs = [c for c in corrs if c is not None]
