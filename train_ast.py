@@ -781,6 +781,8 @@ DEFAULT_COMPARE = {"full": {"ast": {"mode": "full"}}, "ast": {},
                    "random": {"ast": {"mode": "random", "match": "ast"}},
                    "budget": {"ast": {"mode": "budget", "budget_of": "ast"}},
                    "curriculum": {"ast": {"mode": "curriculum", "match": "ast"}}}
+
+
 def run_compare(cfg, info):
     """Run the variants back to back, per seed (compare.seeds); write compare.md, compare.csv and per_class.csv.
 
