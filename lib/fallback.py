@@ -22,7 +22,6 @@ run summary (result.json, compare.md) lists them, and a rerun resumes with the e
 not apply (no compiled model, a model without frames) is skipped. The ladder runs in one process: under torchrun a
 rank cannot change its model alone, so auto and strict are refused there.
 """
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +65,14 @@ def _set(nested, dotted, value):
     nested[last] = value
 
 
+def _apply(cfg, overrides):
+    """`cfg` with {dotted key: value} applied (a new config; merge copies)."""
+    nested = {}
+    for key, value in overrides.items():
+        _set(nested, key, value)
+    return merge(cfg, nested) if nested else cfg
+
+
 def _get(cfg, dotted):
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
@@ -100,10 +107,7 @@ class MemoryLadder:
     # ---- the effective config and its note
     def effective_config(self):
         """The requested config with the rungs' changes applied."""
-        nested = {}
-        for key, value in self.overrides.items():
-            _set(nested, key, value)
-        return merge(self.requested, nested) if nested else self.requested
+        return _apply(self.requested, self.overrides)
 
     def note(self):
         """The `memory_fallback` entry of config.yaml: the rungs taken, what they changed, the requested values."""
@@ -234,9 +238,4 @@ def saved_effective(cfg, run_dir):
     if not path.is_file():
         return cfg
     note = (yaml.safe_load(path.read_text()) or {}).get(NOTE_KEY)
-    if not note:
-        return cfg
-    nested = {}
-    for key, value in note.get("effective", {}).items():
-        _set(nested, key, value)
-    return merge(copy.deepcopy(cfg), nested)
+    return _apply(cfg, note.get("effective", {})) if note else cfg
