@@ -128,6 +128,17 @@ def _decompress(kind, dtype, tensors):
     return q.to(dtype) * scale.to(dtype)
 
 
+class _PackedCache(dict):
+    """A dict that a weakref can point to (plain dicts cannot)."""
+    __slots__ = ("__weakref__",)
+
+
+def _forget(cache_ref, key):
+    cache = cache_ref()
+    if cache is not None:
+        cache.pop(key, None)
+
+
 def saved_tensor_policy(run_holder, offload=False, compress=None, min_bytes=65536):
     """Saved activations go to pinned host memory (offload, exact) and/or bf16/int8 (compress, approximate).
 
@@ -153,23 +164,28 @@ def saved_tensor_policy(run_holder, offload=False, compress=None, min_bytes=6553
         torch.cuda.current_stream().wait_stream(side)
         return item[1].to(item[2], non_blocking=True)
 
-    packed_by_key = {}  # a tensor saved by several nodes (a rate: Euler scan, pool, ...) is packed once
+    packed_by_key = _PackedCache()  # a tensor saved by several nodes (a rate: Euler scan, pool, ...) is packed once
+    cache_ref = weakref.ref(packed_by_key)
 
     def pack(t):
         if not _worth_packing(t, run_holder(), min_bytes):
             # a detached alias: holding a node's own output (with its grad_fn) from inside the node is a
             # reference cycle that is never freed for graph branches backward does not visit
             return None, t.detach()
+        kind, dtype, tensors = _compress(t, compress)
+        if kind == "raw" and not offload:  # kept as it is (bf16 under bf16 autocast): nothing to share
+            return (kind, dtype, (t.detach(),)), None
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
         hit = packed_by_key.get(key)
         if hit is not None:
             return hit
-        kind, dtype, tensors = _compress(t, compress)
         if offload:
             tensors = tuple(to_host(x) for x in tensors)
         packed = ((kind, dtype, tensors), None)
         packed_by_key[key] = packed
-        weakref.finalize(t, packed_by_key.pop, key, None)  # the key may be reused once t is gone
+        # the key may be reused once t is gone. The finalizer holds the cache weakly: a strong reference would
+        # keep the cache, and every step's packed tensors in it, alive for as long as any t lives
+        weakref.finalize(t, _forget, cache_ref, key)
         return packed
 
     def unpack(packed):

@@ -410,7 +410,8 @@ class DyRCNN(nn.Module):
         else:
             dtype = self.classifier.weight.dtype
         run = _Run(self, images, dtype)
-        self._last_run = weakref.ref(run)  # saved-tensor policies look up the cast weights they must not touch
+        if not torch.compiler.is_compiling():  # torch.export / compile on torch 2.11 cannot trace a weakref
+            self._last_run = weakref.ref(run)  # saved-tensor policies look up the cast weights they must not touch
         return run
 
     def current_run(self):

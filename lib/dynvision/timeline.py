@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 
 
-
 def _exporting():
     """True while torch.export traces the model (export_onnx.py)."""
     return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
 
 class _Timeline:
     """Per-step tensors (B, C, H, W) of one signal; entries point into (n*B, C, H, W) blocks, no copies.
