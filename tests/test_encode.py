@@ -15,7 +15,7 @@ import encode_stream
 from lib.config import ConfigError, merge
 from lib.data import DataConfig, build_data, in_order
 from lib.run import Preempted
-from lib.storage import StorageError
+from lib.storage import StorageError, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ["embedding", "loop_embeddings", "tokens"]
@@ -57,6 +57,9 @@ def test_outputs_equal_a_plain_forward(tmp_path):
     for k in ALL:
         assert got[k].shape == tuple(ref[k].shape)
         np.testing.assert_allclose(got[k], ref[k].numpy(), rtol=1e-4, atol=1e-5)
+    manifest = json.loads((tmp_path / "enc" / "manifest.json").read_text())
+    for meta in manifest["files"].values():  # hashed while streamed out = hashed from the disk
+        assert sha256_file(tmp_path / "enc" / meta["file"]) == meta["sha256"]
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
