@@ -150,16 +150,23 @@ def main(argv=None):
         import torch._inductor.config as inductor
         if args.conv_autotune == "aten":
             inductor.max_autotune_conv_backends = "ATEN"
-    lines = []
+    if args.out:  # written line by line: what ran before a crash or a time limit is kept
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("")
 
     def emit(record):
-        print(json.dumps(record), flush=True)
-        lines.append(json.dumps(record))
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
 
     results = {}
     t_start = time.perf_counter()
     for mode in modes:
-        for ckpt in CHECKPOINTS:
+        # selective checkpointing runs eager only: compiling its policy regions did not finish within 150 s on
+        # the H200 (2026-12-02), and the compile modes' question is answered by plain and per-frame
+        for ckpt in CHECKPOINTS if mode == "eager" else CHECKPOINTS[:2]:
             results[(mode, ckpt)] = run_variant(args, mode, ckpt, device)
             emit(results[(mode, ckpt)])
     plain, ckpt, selective = (results[("eager", c)] for c in CHECKPOINTS)
@@ -174,9 +181,6 @@ def main(argv=None):
           "device": name})
     print(f"# memory measured as {memory_key}; compile speedups {json.dumps(speedups)}; "
           f"wall {time.perf_counter() - t_start:.1f} s", file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
