@@ -164,8 +164,8 @@ def main(argv=None):
     results = {}
     t_start = time.perf_counter()
     for mode in modes:
-        # selective checkpointing runs eager only: compiling its policy regions did not finish within 150 s on
-        # the H200 (2026-12-02), and the compile modes' question is answered by plain and per-frame
+        # selective checkpointing runs eager only: with its compiled variants the bench ran past 150 s on the
+        # H200 (2026-12-02; 28 s without them), and the compile modes' question is answered by plain and per-frame
         for ckpt in CHECKPOINTS if mode == "eager" else CHECKPOINTS[:2]:
             results[(mode, ckpt)] = run_variant(args, mode, ckpt, device)
             emit(results[(mode, ckpt)])
