@@ -17,9 +17,11 @@ speed and memory: bench/dynvision_speed.py):
               reaction time): then no loss reaches V1 through the feedforward path, and V1 learns only
               through skip connections (if their path fits in the window) or not at all.
   update_every  not a memory strategy but a different model: later areas integrate over longer steps.
-  Not measured yet: the accuracy cost of compress bf16/int8, stream (short/long window), stream+compress and
-  update_every [1, 1, 2, 2] on real data (bench/dynvision_quality.py measures it; it has not run on a GPU). Check a
-  strategy on your data first: train_dynvision.py --compare.
+  Measured on real held-out data (bench/dynvision_quality.py, H200, 2026-12-02, DyRCNNx4, digits and silhouettes,
+  3 seeds; docs/BENCHMARKS.md): checkpoint and offload within 0.09 pt of full, compress bf16 / int8 within 0.02 pt.
+  stream is NOT fit for training yet: 10-step windows lost 2 / 9 pt, 30-step windows 91 / 53 pt; a longer window
+  should lose less, so the windowing has a defect that is not located. Check a strategy on your data first:
+  train_dynvision.py --compare.
 """
 import contextlib
 import weakref
