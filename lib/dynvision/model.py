@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from lib.config import ConfigError
 from lib.dynvision.scan import _MaxPoolNoIndices, _pool_size, euler_scan
-from lib.dynvision.timeline import _Run, _Timeline
+from lib.dynvision.timeline import _exporting, _Run, _Timeline
 
 AREAS = ["V1", "V2", "V4", "IT"]
 # Connections between non-successive areas, target <- source (DynVision's DyRCNN).
@@ -410,7 +410,7 @@ class DyRCNN(nn.Module):
         else:
             dtype = self.classifier.weight.dtype
         run = _Run(self, images, dtype)
-        if not torch.compiler.is_compiling():  # torch.export / compile on torch 2.11 cannot trace a weakref
+        if not _exporting():  # torch 2.11's strict export cannot trace a weakref; export runs no memory strategy
             self._last_run = weakref.ref(run)  # saved-tensor policies look up the cast weights they must not touch
         return run
 

@@ -37,6 +37,8 @@ class _Timeline:
         block, i = self.entries[t]
         if block.shape[0] == self.batch:
             return block
+        if _exporting():  # torch 2.11's strict export cannot trace id(); the traced graph needs no cache
+            return block.unflatten(0, (-1, self.batch)).unbind(0)[i]
         cached = self._views.get(id(block))
         if cached is None or cached[0] is not block:
             # (n*B, ...) -> n views of (B, ...); unflatten + unbind rather than split(B), whose piece count
@@ -64,6 +66,8 @@ class _Timeline:
     def prune(self, keep_from):
         for t in [t for t in self.entries if t < keep_from]:
             del self.entries[t]
+        if not self._views:  # nothing cached (always so under torch.export)
+            return
         live = {id(b) for b, _ in self.entries.values()}
         for key in [k for k in self._views if k not in live]:
             del self._views[key]
