@@ -106,9 +106,14 @@ def _dense(t):
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _kept_raw(t, mode):
+    """Whether _compress keeps `t` as it is: no compression, or bf16 of a tensor that is not fp32."""
+    return mode is None or (mode == "bf16" and t.dtype != torch.float32)
+
+
 def _compress(t, mode):
     """(kind, dtype, tensors): bf16 halves fp32; int8 keeps a per-channel (dim 1) absmax scale."""
-    if mode is None or (mode == "bf16" and t.dtype != torch.float32):
+    if _kept_raw(t, mode):
         return "raw", t.dtype, (t,)
     t = t.detach()
     if mode == "bf16":
@@ -174,13 +179,13 @@ def saved_tensor_policy(run_holder, offload=False, compress=None, min_bytes=6553
             # a detached alias: holding a node's own output (with its grad_fn) from inside the node is a
             # reference cycle that is never freed for graph branches backward does not visit
             return None, t.detach()
-        kind, dtype, tensors = _compress(t, compress)
-        if kind == "raw" and not offload:  # kept as it is (bf16 under bf16 autocast): nothing to share
-            return (kind, dtype, (t.detach(),)), None
+        if not offload and _kept_raw(t, compress):  # kept as it is (bf16 under bf16 autocast): nothing to share
+            return ("raw", t.dtype, (t.detach(),)), None
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
         hit = packed_by_key.get(key)
         if hit is not None:
             return hit
+        kind, dtype, tensors = _compress(t, compress)
         if offload:
             tensors = tuple(to_host(x) for x in tensors)
         packed = ((kind, dtype, tensors), None)
