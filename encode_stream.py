@@ -62,8 +62,8 @@ from lib.encode_input import check_cache_shards, open_source
 from lib.encoder import Encoder, EncoderConfig, autocast_dtype, load_encoder
 from lib.run import MAY_CHANGE as RUN_MAY_CHANGE
 from lib.run import Run, config_differences, run_script
-from lib.storage import (StorageError, atomic_write_json, atomic_write_stream, check_free_space, disk_full_error,
-                         format_bytes, fsync_dir, sha256_file)
+from lib.storage import (HashingWriter, StorageError, atomic_write_json, atomic_write_stream, check_free_space,
+                         disk_full_error, format_bytes, fsync_dir, sha256_file)
 
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -287,38 +287,34 @@ def consolidate(store, run_dir, num_chunks, shapes, dtypes, num_samples):
     then grew with the whole output (12.5 GB peak RSS for 9 GB of outputs on the H200, 2026-12-02).
     """
     outs = {}
-    for name, shape in shapes.items():
-        tmp = run_dir / f".{name}.npy.tmp"
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {
-            "descr": np.lib.format.dtype_to_descr(np.dtype(dtypes[name])), "fortran_order": False,
-            "shape": (num_samples, *shape)})
-        f = open(tmp, "wb")
-        f.write(header.getvalue())
-        outs[name] = (tmp, f, hashlib.sha256(header.getvalue()))
     try:
+        for name, shape in shapes.items():
+            tmp = run_dir / f".{name}.npy.tmp"
+            out = HashingWriter(open(tmp, "wb"))
+            outs[name] = (tmp, out)
+            np.lib.format.write_array_header_1_0(out, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(dtypes[name])), "fortran_order": False,
+                "shape": (num_samples, *shape)})
         row = 0
         for chunk in range(num_chunks):
             arrays = store.read(chunk)
             n = len(arrays["index"])
-            for name, (_, f, h) in outs.items():
-                data = memoryview(np.ascontiguousarray(arrays[name], dtype=dtypes[name])).cast("B")
-                f.write(data)
-                h.update(data)
+            for name, (_, out) in outs.items():
+                out.write(memoryview(np.ascontiguousarray(arrays[name], dtype=dtypes[name])).cast("B"))
             row += n
         assert row == num_samples, (row, num_samples)
-        for _, f, _ in outs.values():
-            f.flush()
-            os.fsync(f.fileno())
+        for _, out in outs.values():
+            out.flush()
+            os.fsync(out.file.fileno())
     finally:
-        for _, f, _ in outs.values():
-            f.close()
+        for _, out in outs.values():
+            out.file.close()
     files = {}
-    for name, (tmp, _, h) in outs.items():
+    for name, (tmp, out) in outs.items():
         path = run_dir / f"{name}.npy"
         os.replace(tmp, path)
         files[name] = {"file": path.name, "shape": [num_samples, *shapes[name]],
-                       "dtype": np.dtype(dtypes[name]).name, "sha256": h.hexdigest()}
+                       "dtype": np.dtype(dtypes[name]).name, "sha256": out.sha256.hexdigest()}
     fsync_dir(run_dir)
     return files
 

@@ -74,7 +74,7 @@ def atomic_write_bytes(path, data: bytes, durable: bool = True) -> Path:
     return _atomic_write(path, lambda f: f.write(data), durable)
 
 
-class _HashingWriter:
+class HashingWriter:
     """A write-only, unseekable file: bytes go to `file` and into a sha256 as they pass (one pass, no copy)."""
 
     def __init__(self, file):
@@ -98,7 +98,7 @@ def atomic_write_stream(path, write, durable: bool = True) -> tuple[int, str]:
     hashed = []
 
     def write_hashed(f):
-        hashed.append(_HashingWriter(f))
+        hashed.append(HashingWriter(f))
         write(hashed[0])
     _atomic_write(path, write_hashed, durable)
     return hashed[0].bytes, hashed[0].sha256.hexdigest()
