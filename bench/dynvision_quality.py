@@ -192,6 +192,7 @@ def strategy_records(dataset, results, alone):
             "minus_full_pt_per_seed": row["minus_full_pt_per_seed"],
             "after_reaction_minus_full_pt": row["after_reaction_minus_full_pt"],
             "curve_correlation": c, "curve_correlation_min": row["curve_correlation_min"],
+            "curve_max_abs_diff_pt": row["curve_max_abs_diff_pt"], "full_curve_range_pt": row["full_curve_range_pt"],
             "step_seconds": alone.get(name) if alone else row["step_seconds"],
             "step_seconds_measured": "alone on the device" if alone else "in the parallel runs (shared device)",
             "peak_memory_gb": row["peak_memory_gb"],
@@ -212,6 +213,13 @@ def summarize(records, device, seconds, args):
         "worst_exact_minus_full_pt": pick([r["minus_full_pt"][0] for r in exact], lambda v: max(v, key=abs)),
         "worst_approx_minus_full_pt": pick([r["minus_full_pt"][0] for r in approx], min),
         "worst_curve_correlation": pick([r["curve_correlation"] for r in others], min),
+        # a correlation with a flat curve (digits: full's accuracy moves < 1 pt after the reaction step) is noise;
+        # the same minimum over the datasets whose full curve spans >= 2 pt, and the largest per-step gap to full
+        "worst_curve_correlation_where_full_varies": pick([r["curve_correlation"] for r in others
+                                                           if (r["full_curve_range_pt"] or 0) >= 2.0], min),
+        "full_curve_range_pt": {r["dataset"]: r["full_curve_range_pt"] for r in records if r["strategy"] == "full"},
+        "worst_curve_max_abs_diff_pt": {d: pick([r["curve_max_abs_diff_pt"] for r in others if r["dataset"] == d],
+                                                max) for d in sorted({r["dataset"] for r in records})},
         "bars_missed": [f"{r['dataset']}/{r['strategy']}" for r in others if r["bar_met"] is False],
         "per_dataset": {d: {r["strategy"]: {"minus_full_pt": r["minus_full_pt"][0],
                                             "curve_correlation": r["curve_correlation"]} for r in others

@@ -20,7 +20,7 @@ Modules, by purpose (everything is re-exported here: `from lib.dynvision import 
   memory.py    MemoryConfig and the strategies: checkpoint, offload, compress, stream; saved-tensor policies
 """
 from lib.dynvision.memory import (STRATEGY_PARTS, MemoryConfig, SavedBytesMeter, check_schedule,
-                                  saved_tensor_policy, stream_backward, strategy_forward)
+                                  saved_tensor_policy, stream_backward, stream_windows, strategy_forward)
 from lib.dynvision.model import (AREAS, FEEDBACK_SOURCES, PRESETS, RECURRENCE_TYPES, SKIP_SOURCES, Area, AreaSpec,
                                  DyRCNN, LossConfig, ModelConfig, accuracy_per_step, build_model, count_params,
                                  flops_per_sample, reaction_step, timestep_loss)
@@ -29,5 +29,5 @@ from lib.dynvision.scan import HAVE_TRITON, euler_scan
 __all__ = ["AREAS", "FEEDBACK_SOURCES", "HAVE_TRITON", "PRESETS", "RECURRENCE_TYPES", "SKIP_SOURCES",
            "STRATEGY_PARTS", "Area", "AreaSpec", "DyRCNN", "LossConfig", "MemoryConfig", "ModelConfig",
            "SavedBytesMeter", "accuracy_per_step", "build_model", "check_schedule", "count_params", "euler_scan",
-           "flops_per_sample", "reaction_step", "saved_tensor_policy", "stream_backward", "strategy_forward",
+           "flops_per_sample", "reaction_step", "saved_tensor_policy", "stream_backward", "stream_windows", "strategy_forward",
            "timestep_loss"]

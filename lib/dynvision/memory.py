@@ -264,13 +264,27 @@ def strategy_forward(model, images, memory_cfg):
         return model(images)
 
 
+def stream_windows(total, window, react):
+    """Truncated-BPTT windows [t0, t1) over `total` steps, aligned to the end: the last window is full length.
+
+    The labelled steps (from `react` on) sit at the end of the unroll, so aligning there gives them the longest
+    in-window paths: with 40 steps, react 20 and windows of 30, [0, 10) [10, 40) lets every labelled step reach
+    back to step 10, where start-aligned [0, 30) [30, 40) cut steps 30-39 off from everything below IT (the H200
+    run of 2026-12-02 lost 53-91 pt that way). Windows that end before `react` carry state only.
+    """
+    bounds = list(range(total, 0, -window))[::-1]
+    starts = [0] + bounds[:-1]
+    return [(t0, t1, t1 > react) for t0, t1 in zip(starts, bounds)]
+
+
 def stream_backward(model, images, labels, react, memory_cfg, loss_scale=1.0, scaler=None, label_smoothing=0.0):
     """Truncated BPTT: run w steps, backprop their share of the loss at once, detach the state, go on.
 
     Autograd holds one window's activations whatever the number of steps; gradients do not cross window
-    ends, so parameters learn only from paths shorter than the window (approximate). `loss_scale`
-    multiplies the batch-summed loss before backward (e.g. 1 / global batch). Returns the per-sample
-    loss (B,), detached.
+    ends, so parameters learn only from paths shorter than the window (approximate). Windows are aligned to
+    the end of the unroll (stream_windows); those before the reaction step run without autograd.
+    `loss_scale` multiplies the batch-summed loss before backward (e.g. 1 / global batch). Returns the
+    per-sample loss (B,), detached.
     """
     inner = _unwrap(model)
     run = inner.start_run(images)
@@ -278,14 +292,14 @@ def stream_backward(model, images, labels, react, memory_cfg, loss_scale=1.0, sc
     n_valid = total - react
     per_sample = torch.zeros(B, device=images.device)
     keys, state = [], []
-    for t0 in range(0, total, w):
-        t1 = min(t0 + w, total)
+    for t0, t1, labelled in stream_windows(total, w, react):
         run.refresh_casts()  # each window's backward frees its own cast nodes
-        with _policy(inner, memory_cfg), torch.autocast(images.device.type, enabled=False):
+        with _policy(inner, memory_cfg), torch.autocast(images.device.type, enabled=False), \
+                torch.set_grad_enabled(labelled and torch.is_grad_enabled()):
             logits, *state = inner.run_chunk(run, t0, t1, keys, *state)
         keys = run.next_keys
-        lo = max(t0, react)
-        if lo < t1:
+        if labelled:
+            lo = max(t0, react)
             chunk = logits[lo - t0:].float()                   # (n, B, K)
             n = chunk.shape[0]
             ce = F.cross_entropy(chunk.reshape(n * B, -1), labels.repeat(n), reduction="none",

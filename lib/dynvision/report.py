@@ -43,6 +43,18 @@ def curve_correlation(a, b, start=0):
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def curve_max_abs_diff(a, b, start=0):
+    """Largest |a - b| over steps >= start, in points: what a correlation cannot show when the curves are flat."""
+    x, y = np.asarray(a[start:], dtype=np.float64), np.asarray(b[start:], dtype=np.float64)
+    return float(100 * np.abs(x - y).max()) if len(x) and len(x) == len(y) else None
+
+
+def curve_range(a, start=0):
+    """max - min of an accuracy curve over steps >= start, in points (near 0: a correlation with it is noise)."""
+    x = np.asarray(a[start:], dtype=np.float64)
+    return float(100 * (x.max() - x.min())) if len(x) else None
+
+
 def strategy_rows(results, baseline="full"):
     """One row per strategy from results {seed: {name: summary}}: means over seeds, paired differences to the
     baseline in points with their t-test, curve correlations; per-seed values under *_per_seed."""
@@ -59,6 +71,9 @@ def strategy_rows(results, baseline="full"):
         corrs = [curve_correlation(r["accuracy_per_step"], base[s]["accuracy_per_step"], r["reaction_step"])
                  for s, r in runs.items() if base[s]]
         corrs = [c for c in corrs if c is not None]
+        gaps = [curve_max_abs_diff(r["accuracy_per_step"], base[s]["accuracy_per_step"], r["reaction_step"])
+                for s, r in runs.items() if base[s]]
+        ranges = [curve_range(base[s]["accuracy_per_step"], r["reaction_step"]) for s, r in runs.items() if base[s]]
         mean_d, std_d, t, p = paired_t_test(diffs)
         first = next(iter(runs.values()))
         row = {"run": name, "strategy": first.get("memory_strategy"), "exact": is_exact(first),
@@ -68,6 +83,8 @@ def strategy_rows(results, baseline="full"):
                "minus_full_pt": mean_d, "minus_full_pt_std": std_d, "minus_full_p": p, "minus_full_t": t,
                "after_reaction_minus_full_pt": mean_std(reacted_diffs)[0],
                "curve_correlation": mean_std(corrs)[0], "curve_correlation_min": min(corrs) if corrs else None,
+               "curve_max_abs_diff_pt": mean_std([g for g in gaps if g is not None])[0],
+               "full_curve_range_pt": mean_std([v for v in ranges if v is not None])[0],
                "train_seconds": mean_std([r.get("train_seconds") for r in runs.values()])[0],
                "step_seconds": mean_std([r.get("step_seconds") for r in runs.values()])[0],
                "peak_memory_gb": mean_std([r.get("peak_memory_gb") for r in runs.values()])[0],
