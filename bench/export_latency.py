@@ -27,6 +27,8 @@ batch 1 and 32. The models:
              DynVision init, readout fitted by ridge regression on the last step's IT rates; int8: static QDQ.
 Latency: median of --repeats calls after --warmup calls, each engine in turn, --threads intra-op threads for torch
 and onnxruntime. Relative error = max |onnxruntime - torch| / max |torch| per output (worst output and model).
+A model that fails (export, parity, quantization) gets a line {"model": ..., "failed": true, "error": ...}; the
+others still run, the summary lists it under failed_models and the exit status is 1.
 The last line is {"summary": true, "max_abs_err_fp32": e, "int8_top1_agreement_resnet50": a,
 "int8_vs_fp32_ort_speedup_b32_resnet50": s, "device": ...}; bars: e <= 1e-4, a >= 0.99, s >= 2.0.
 """
@@ -167,6 +169,7 @@ def encoder_run(folder, model_section, size):
 def export_run(run, out, args, samples_count):
     cfg = merge(export_onnx.Config(), {"checkpoint": str(run), "out": str(out), "samples": samples_count,
                                        "calibration_samples": args.calibration, "threads": args.threads,
+                                       "int8_calibration": args.calibration_method,
                                        "warmup": args.warmup, "repeats": args.repeats})
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON lines only
         return export_onnx.main(cfg)
@@ -242,6 +245,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eval_samples", type=int, default=512, help="test images for parity and int8 agreement")
     parser.add_argument("--calibration", type=int, default=128, help="train images that calibrate static int8")
+    parser.add_argument("--calibration_method", default="minmax", choices=onnx_check.CALIBRATIONS,
+                        help="static int8 activation ranges (export_onnx's int8_calibration)")
     parser.add_argument("--keep", default="", help="folder to keep the checkpoints and .onnx files in")
     parser.add_argument("--models", default="resnet50,rvit_b16,dyrcnn_x4", help="comma-separated subset to run")
     parser.add_argument("--classifier_checkpoint", default="",
@@ -279,15 +284,21 @@ def main(argv=None):
     lines = {}
     # the encoder has no classes to agree on: its cosine similarities need fewer samples than a top-1 agreement
     counts = {"resnet50": args.eval_samples, "rvit_b16": min(args.eval_samples, 64), "dyrcnn_x4": args.eval_samples}
+    failed = {}
     for name, run in runs.items():
-        report = export_run(run, folder / f"{name}.onnx", args, counts[name])
+        try:
+            report = export_run(run, folder / f"{name}.onnx", args, counts[name])
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - one model's failure is a result: report it, go on
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"
+            emit(model=name, failed=True, error=failed[name])
+            continue
         lines[name] = model_line(report["model"], report)
         emit(**lines[name])
         if name == "resnet50" and args.variants:
             int8_variants(run, folder / f"{name}.onnx", args)
     first = lines.get("resnet50", {})
     summary = {"summary": True,
-               "max_abs_err_fp32": max(line["fp32_rel_err"] for line in lines.values()),
+               "max_abs_err_fp32": max((line["fp32_rel_err"] for line in lines.values()), default=None),
                "max_abs_err_fp32_definition": "max |onnxruntime - torch| / max |torch| per output, worst output and "
                                               "model (fp32, test-split inputs)",
                "int8_top1_agreement_resnet50": first.get("int8_top1_agreement"),
@@ -296,7 +307,8 @@ def main(argv=None):
                # an agreement means something only for a classifier that predicts many classes, mostly right
                "classifier_accuracy_fp32": first.get("accuracy_fp32"),
                "classifier_distinct_predictions": first.get("distinct_predictions"),
-               "models": chosen, "eval_samples": {k: counts[k] for k in chosen},
+               "models": chosen, "failed_models": failed, "calibration_method": args.calibration_method,
+               "eval_samples": {k: counts[k] for k in chosen},
                "threads": args.threads, "smoke": args.smoke, "bars": BARS, "device": device_name(args.threads)}
     if not args.smoke:
         summary["passed"] = {k: (summary[k] <= v if k == "max_abs_err_fp32" else summary[k] >= v)
@@ -305,6 +317,8 @@ def main(argv=None):
     if not args.keep:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
+    if failed:  # the summary is out; the exit status still says that a model failed
+        sys.exit(f"export_latency: {len(failed)} model(s) failed: {', '.join(failed)} (see their lines)")
 
 
 if __name__ == "__main__":

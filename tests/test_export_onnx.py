@@ -177,6 +177,29 @@ def test_bench_smoke(smoke):
     assert 0 <= summary["int8_top1_agreement_resnet50"] <= 1 and summary["int8_vs_fp32_ort_speedup_b32_resnet50"] > 0
 
 
+def test_bench_reports_a_failing_model_and_still_writes_its_summary(tmp_path, monkeypatch):
+    """One model that fails to export is a line of its own; the others run, the summary lists it, exit 1."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import export_latency
+    real = export_latency.export_run
+
+    def export_run(run, out, args, samples_count):
+        if out.stem == "resnet50":
+            raise export.ExportError("cannot export aten.odd (module 'x')")
+        return real(run, out, args, samples_count)
+
+    monkeypatch.setattr(export_latency, "export_run", export_run)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit, match="1 model.*resnet50"):
+        export_latency.main(["--smoke", "--keep", str(tmp_path), "--models=resnet50,rvit_b16"])
+    lines = [json.loads(line) for line in out.getvalue().strip().splitlines()]
+    assert lines[0] == {"model": "resnet50", "failed": True, "error": "ExportError: cannot export aten.odd (module 'x')"}
+    assert lines[1]["model"] == "rvit" and lines[1]["fp32_rel_err"] <= 1e-4
+    summary = lines[-1]
+    assert summary["summary"] and list(summary["failed_models"]) == ["resnet50"]
+    assert summary["int8_top1_agreement_resnet50"] is None and summary["max_abs_err_fp32"] == lines[1]["fp32_rel_err"]
+
+
 def test_dyrcnn_unrolled_exports_every_step(smoke):
     """The bench's DyRCNN checkpoint (saved as train_dynvision.py saves one: config with the default num_classes,
     weights of 10 classes): unrolled 1 + 4 steps, every step's logits, another batch size."""
