@@ -8,9 +8,9 @@ GPU-resident data, same config, one run, through train_ast.train() itself.
     python bench/ast_jpeg.py --smoke=true          # CPU, seconds: every part runs, numbers mean nothing
 
 Sources: `resident` (synthetic data on the GPU, data.loader=resident), `jpeg` (the generated folder, data.loader=jpeg)
-and `cache` (its pre-resized cache, data.loader=cache, short side 256). Variants, each on every source, in an order
-rotated per source after a throwaway run that takes the one-time costs (CUDA/cuDNN start-up, autotuning the
-full-batch and subset shapes): full, batch10 (10%, scoring batch 2048), batch10_cheap (the same, scored at 112 px),
+and `cache` (its pre-resized cache, data.loader=cache, short side 256). Variants, each on every source, full first (every
+ratio needs it), the others in an order rotated per source, after throwaway runs that take the one-time costs
+(CUDA/cuDNN start-up, autotuning the full-batch and subset shapes): full, batch10 (10%, scoring batch 2048), batch10_cheap (the same, scored at 112 px),
 epoch10 (10%); `epochs` epochs each (epoch 0 on all data, then sparse; the last one timed = steady state; all of
 them = whole run). full_compiled (loop.compile=true): one epoch (it compiles), then `compiled_steps` timed steps. Batch mode on image
 files uses data.selective_decode=auto (batch10_cheap decodes selectively, half its scoring images in the workers;
@@ -19,7 +19,8 @@ score_cpu_share=1.0) on 2 sparse epochs each,
 the second timed, so that "best JPEG path" compares them all. Parts without training: decode rates (PIL per core,
 nvJPEG per GPU) of the folder's files and the cache's, the cache's bytes per image and build rate, PSNR of the
 re-encoded images and of the scoring images, the loader alone (plain vs selective batches), and an epoch start with a
-10% plan (time to its first batch). A time budget skips what is left (and says so) rather than run past it.
+10% plan (time to its first batch). A time budget skips what is left (and says so) rather than run past it; a run
+still going at hard_stop_s (or a SIGTERM) is stopped and the summary written from the runs that finished.
 
 Last line: {"summary": true, "ratio_batch10": r1, "ratio_batch10_cheap": r2, "ratio_epoch10": r3,
 "full_compiled_jpeg_vs_resident": r4, "files": n, "device": ...}: ratio = steady-state speedup on image files (the
@@ -31,6 +32,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -77,6 +79,8 @@ class BenchConfig:
     parts_files: int = 256          # files per decode / PSNR measurement
     time_budget_s: float = 560.0    # skip runs that would end past this many seconds after the start (listed in the
                                     # summary): the GPU machine stops a command at 600 s
+    hard_stop_s: float = 580.0      # a run still going this many seconds after the start (a stall the estimate could
+                                    # not foresee) is stopped and the summary written from what finished; so is SIGTERM
     seed: int = 0
     out: str = ""                   # also append the JSON lines to this file
 
@@ -300,6 +304,14 @@ def base_config(cfg, out_dir):
     })
 
 
+class BudgetExceeded(Exception):
+    """The hard stop (SIGALRM at hard_stop_s) or SIGTERM arrived: stop the run in progress, summarize what finished."""
+
+
+def _stop_now(signum, frame):
+    raise BudgetExceeded(signal.Signals(signum).name)
+
+
 class Runner:
     """train_ast.train() per (variant, source), with the loaders it built kept for their stats."""
 
@@ -308,6 +320,7 @@ class Runner:
         self.base = base_config(cfg, out_dir)
         self.built = []
         self.skipped = []
+        self.current, self.interrupted = None, None
         real_build_data = train_ast.build_data
 
         def build_and_keep(*args, **kwargs):  # the bench reads the loaders' stats after each run
@@ -327,6 +340,7 @@ class Runner:
 
     def run(self, vcfg):
         self.built.clear()
+        self.current = vcfg.run.name
         result = train_ast.train(vcfg, self.info, self.out_dir / vcfg.run.name)
         stats = dict(self.built[0].train.stats) if self.built and hasattr(self.built[0].train, "stats") else {}
         self.built.clear()
@@ -384,28 +398,41 @@ def main(cfg):
     out_dir = Path(tempfile.mkdtemp(prefix="ast_jpeg_", dir=scratch))
     info = dist.setup(cfg.seed, "cpu" if cfg.smoke else "auto")
     runner = Runner(cfg, root, info, out_dir, t_start)
+    results = {}
+    previous = {sig: signal.signal(sig, _stop_now) for sig in (signal.SIGTERM, signal.SIGALRM)}
+    if not cfg.smoke:
+        signal.alarm(max(1, math.ceil(cfg.hard_stop_s - (time.perf_counter() - t_start))))
     try:
-        results = train_runs(cfg, runner, device_name)
+        train_runs(cfg, runner, device_name, results)
+    except BudgetExceeded as e:  # the summary from the runs that finished; the one cut short is named
+        runner.interrupted = f"{runner.current} ({e.args[0]} at {time.perf_counter() - t_start:.0f} s)"
+        print(f"[ast_jpeg] stopped: {runner.interrupted}; summarizing the runs that finished", file=sys.stderr)
     finally:
+        signal.alarm(0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutil.rmtree(out_dir, ignore_errors=True)
     emit({**summarize(cfg, results), "cache_bytes_per_image": cache["bytes_per_image"],
           "psnr_cache_reencode_db": decode["psnr_cache_reencode_db"],
           f"psnr_score{cfg.score_resolution}_draft_vs_full_db":
               decode[f"psnr_score{cfg.score_resolution}_draft_vs_full_db"],
-          "skipped_runs": runner.skipped, "epochs": cfg.epochs, "smoke": cfg.smoke,
+          "skipped_runs": runner.skipped, "interrupted_run": runner.interrupted, "epochs": cfg.epochs, "smoke": cfg.smoke,
           "seconds": round(time.perf_counter() - t_start, 1), "files": folder["train_files"], "device": device_name},
          cfg.out)
 
 
-def train_runs(cfg, runner, device_name):
-    """Every (variant, source) run, then full_compiled per source, then the extras; what the summary needs."""
+def train_runs(cfg, runner, device_name, r):
+    """Every (variant, source) run, then full_compiled per source, then the extras, filling `r` (what the summary
+    needs) as they finish: a run stopped by the hard stop leaves the others' results in place."""
+    r.update({"epoch_s": {}, "rate": {}, "whole": {}, "top1": {}, "activation": {}, "compiled": {}, "extra_s": {}})
     n = cfg.classes * cfg.train_per_class
     # one-time costs to throwaway runs: CUDA/cuDNN start-up, autotuning the full-batch and the subset shapes
     for name in ("full",) if cfg.smoke else ("full", "batch10_cheap", "batch10"):
         runner.run(runner.config(name, "resident", 1, ast={"warmup_epochs": 0}, max_steps=1 if cfg.smoke else 12))
-    r = {"epoch_s": {}, "rate": {}, "whole": {}, "top1": {}, "activation": {}, "compiled": {}, "extra_s": {}}
     for s, source in enumerate(cfg.sources):
-        order = cfg.variants[s % len(cfg.variants):] + cfg.variants[:s % len(cfg.variants)]  # rotated per source
+        # full first on every source (each ratio needs it); the others in an order rotated per source
+        rest = [v for v in cfg.variants if v != "full"]
+        order = ["full"] * ("full" in cfg.variants) + rest[s % max(1, len(rest)):] + rest[:s % max(1, len(rest))]
         for name in order:
             full_s = r["epoch_s"].get(("full", source), r["epoch_s"].get(("full", "resident"), 0.0))
             if not runner.fits(f"{name}_{source}", 0.8 * cfg.epochs * full_s):
@@ -448,7 +475,6 @@ def train_runs(cfg, runner, device_name):
         emit({"part": "extra", "variant": name, "source": source, "data": data, "epoch_seconds": round(last, 3),
               "images_per_s": round(images_per_s, 1), "activation_rate": round(result["activation_rate"], 4),
               "loader_stats": {k: round(v, 3) for k, v in stats.items()}, "device": device_name}, cfg.out)
-    return r
 
 
 def summarize(cfg, r):

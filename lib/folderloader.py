@@ -125,7 +125,9 @@ class _Pipeline:
             while True:
                 t0 = time.perf_counter()
                 item = next(it, self._END)
-                self.stats["worker_wait_s"] += time.perf_counter() - t0
+                waited = time.perf_counter() - t0
+                self.stats["worker_wait_s"] += waited
+                self.stats["worker_wait_max_s"] = max(self.stats.get("worker_wait_max_s", 0.0), waited)
                 if item is self._END:
                     return
                 yield item, None
@@ -167,7 +169,9 @@ class _Pipeline:
     def __next__(self):
         t0 = time.perf_counter()
         item = self._get(self.queues[-1])
-        self.stats["consumer_wait_s"] += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.stats["consumer_wait_s"] += waited
+        self.stats["consumer_wait_max_s"] = max(self.stats.get("consumer_wait_max_s", 0.0), waited)
         if item is self._END:
             raise StopIteration
         if isinstance(item, BaseException):
@@ -266,7 +270,8 @@ class ImageFolderLoader(_LoaderBase):
     `source` is a jpeg.FileSource (a folder) or an imagecache.CacheSplit (the pre-resized cache): the same batches,
     crops at the same relative places. `stats` adds up where the time went: worker_wait_s (decode thread waiting
     for workers), stage0_s (nvJPEG), stage1_s (crop/resize issue), consumer_wait_s (the training loop waiting for a
-    batch: input-bound time), epoch_start_s (iteration start to its first batch, summed over `epochs`).
+    batch: input-bound time), epoch_start_s (iteration start to its first batch, summed over `epochs`); the *_max_s
+    entries hold the longest single wait (a stall shows there, not in a sum).
     """
 
     def __init__(self, source, labels, batch_size, *, device, decode, augment, workers, prefetch, channels_last,
@@ -286,8 +291,8 @@ class ImageFolderLoader(_LoaderBase):
         self.score_cpu_share = score_cpu_share
         self.normalize = _Normalizer(tuple(255 * m for m in jpeg.IMAGENET_MEAN),
                                      tuple(255 * s for s in jpeg.IMAGENET_STD), self.device, channels_last)
-        self.stats = dict.fromkeys(("batches", "worker_wait_s", "stage0_s", "stage1_s", "consumer_wait_s",
-                                    "epochs", "epoch_start_s"), 0)
+        self.stats = dict.fromkeys(("batches", "worker_wait_s", "worker_wait_max_s", "stage0_s", "stage1_s",
+                                    "consumer_wait_s", "consumer_wait_max_s", "epochs", "epoch_start_s"), 0)
         self._skipped_set = set()
         self._lock = threading.Lock()
         self._decoder_lock = threading.Lock()   # torchvision's nvJPEG decoder serves one call at a time per process

@@ -95,3 +95,30 @@ def test_regression_memory_smoke(monkeypatch, capsys):
     assert set(summary) == {"summary", "ckpt_memory_saving", "ckpt_time_cost", "best_compile_speedup", "device",
                             "selective_memory_saving", "selective_time_cost"}
     assert summary["device"] == "cpu" and summary["ckpt_memory_saving"] > 0  # fewer bytes kept for the backward
+
+
+def test_ast_jpeg_summarizes_what_finished_when_stopped(tmp_path, monkeypatch, capsys):
+    """A SIGTERM (the GPU machine's time limit) or the hard stop in the middle of a run: the summary still comes,
+    from the runs that finished, and names the run that was cut short."""
+    import signal
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ast_jpeg
+    real_train, calls = ast_jpeg.train_ast.train, []
+
+    def train(vcfg, info, run_dir):
+        calls.append(vcfg.run.name)
+        if vcfg.run.name == "epoch10_jpeg":
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread before train() returns
+        return real_train(vcfg, info, run_dir)
+
+    monkeypatch.setattr(ast_jpeg.train_ast, "train", train)
+    before = signal.getsignal(signal.SIGTERM)
+    ast_jpeg.main(ast_jpeg.BenchConfig(smoke=True, root=str(tmp_path / "folder"), compiled=False, extras=False))
+    assert signal.getsignal(signal.SIGTERM) is before  # the bench's handler is gone again
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summary = lines[-1]
+    assert summary["summary"] is True and summary["interrupted_run"].startswith("epoch10_jpeg (SIGTERM")
+    runs = [(r["variant"], r["source"]) for r in lines if r.get("part") == "run"]
+    assert runs[-2:] == [("full", "jpeg"), ("batch10_cheap", "jpeg")]  # full first on every source, then rotated
+    assert calls[-1] == "epoch10_jpeg" and len(runs) == 4 + 2
+    assert summary["ratio_batch10_cheap"] > 0 and summary["ratio_epoch10"] is None
