@@ -20,7 +20,8 @@ warm-up). max-autotune is kept small: convolutions autotune against ATen only (-
 =all also tries Triton conv templates and may take many minutes). Last line:
 {"summary": true, "ckpt_memory_saving": 1 - peak(ckpt) / peak(plain), "ckpt_time_cost": time(ckpt) / time(plain) - 1
  (both eager, per-frame checkpointing), "best_compile_speedup": max over modes of eager / compiled time (plain),
- "selective_memory_saving", "selective_time_cost" (the same for checkpoint_mode=selective), "device": ...}.
+ "selective_memory_saving", "selective_time_cost" (the same for checkpoint_mode=selective), "first_stage_memory_saving",
+ "first_stage_time_cost" (checkpoint_mode=first_stage: only the full-resolution stage, per frame slot), "device": ...}.
 On the CPU (--smoke) memory is the bytes saved through autograd's hooks, which the selective mode's kept conv outputs
 bypass: its CPU figure undercounts (tests/test_temporal.py measures it by resident memory instead).
 """
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib.temporal import TemporalBatch, TemporalConfig, TemporalRegressor  # noqa: E402
 
 MODES = ("eager", "default", "reduce-overhead", "max-autotune")
-CHECKPOINTS = ("off", "frames", "selective")  # no checkpointing | per frame slot | conv outputs kept (lib/temporal.py)
+CHECKPOINTS = ("off", "frames", "selective", "first_stage")  # none | per frame slot | conv outputs kept | the
+                                                             # full-resolution stage per frame slot (lib/temporal.py)
 
 
 def make_inputs(args, device):
@@ -62,11 +64,11 @@ def saved_bytes(fn):
 
 
 def run_variant(args, mode, ckpt, device):
-    """One (compile mode, checkpointing) variant; ckpt: "off" | "frames" (per frame slot) | "selective"."""
+    """One (compile mode, checkpointing) variant; ckpt: "off" or a lib/temporal.py checkpoint_mode."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     cfg = TemporalConfig(widths=args.widths, checkpoint_frames=ckpt != "off",
-                         checkpoint_mode="selective" if ckpt == "selective" else "frames")
+                         checkpoint_mode="frames" if ckpt == "off" else ckpt)
     model = TemporalRegressor(cfg, args.channels, args.frames, 2, 1).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -164,12 +166,13 @@ def main(argv=None):
     results = {}
     t_start = time.perf_counter()
     for mode in modes:
-        # selective checkpointing runs eager only: with its compiled variants the bench ran past 150 s on the
-        # H200 (2026-12-02; 28 s without them), and the compile modes' question is answered by plain and per-frame
+        # selective and first-stage checkpointing run eager only: with compiled selective variants the bench ran
+        # past 150 s on the H200 (2026-12-02; 28 s without), and the compile modes' question is answered by plain
+        # and per-frame
         for ckpt in CHECKPOINTS if mode == "eager" else CHECKPOINTS[:2]:
             results[(mode, ckpt)] = run_variant(args, mode, ckpt, device)
             emit(results[(mode, ckpt)])
-    plain, ckpt, selective = (results[("eager", c)] for c in CHECKPOINTS)
+    plain, ckpt, selective, first = (results[("eager", c)] for c in CHECKPOINTS)
     memory_key = "peak_gb" if device.type == "cuda" else "saved_for_backward_gb"
     speedups = {m: plain["step_ms"] / results[(m, "off")]["step_ms"] for m in modes if m != "eager"}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -178,6 +181,8 @@ def main(argv=None):
           "best_compile_speedup": round(max(speedups.values()), 4) if speedups else None,
           "selective_memory_saving": round(1 - selective[memory_key] / plain[memory_key], 4),
           "selective_time_cost": round(selective["step_ms"] / plain["step_ms"] - 1, 4),
+          "first_stage_memory_saving": round(1 - first[memory_key] / plain[memory_key], 4),
+          "first_stage_time_cost": round(first["step_ms"] / plain["step_ms"] - 1, 4),
           "device": name})
     print(f"# memory measured as {memory_key}; compile speedups {json.dumps(speedups)}; "
           f"wall {time.perf_counter() - t_start:.1f} s", file=sys.stderr)

@@ -209,7 +209,8 @@ class MemoryLadder:
         if getattr(raw, "checkpoint_frames", True):  # on already, or a model without frames
             return None
         raw.checkpoint_frames = True
-        how = "selective" if raw.cfg.checkpoint_mode == "selective" else "per-frame"  # model.temporal.checkpoint_mode
+        how = {"selective": "selective", "first_stage": "first-stage per-frame"}.get(raw.cfg.checkpoint_mode,
+                                                                                    "per-frame")
         return f"{how} activation checkpointing on", {"model.temporal.checkpoint_frames": True}
 
     def _fewer_frames(self, step_fn, batch):

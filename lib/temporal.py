@@ -15,7 +15,10 @@ Memory: the encoder's activations at full resolution dominate a step (B x T imag
 W), not the weights (2.9 M for full widths) or their AdamW state. `checkpoint_frames` runs the encoder of each frame
 slot under torch.utils.checkpoint (non-reentrant): the forward keeps only the frame inputs and the embeddings; the
 backward recomputes one frame slot at a time, so its activations are live for 1/T of the batch instead of all of it,
-for one extra encoder forward. `checkpoint_mode: selective` instead keeps every convolution's output and recomputes
+for one extra encoder forward. `checkpoint_mode: first_stage` recomputes only the full-resolution stage (per frame
+slot, like `frames`): it holds about 57% of the encoder's activations (64 channels at H x W against 128 at H/2 and
+256 at H/4) for about a quarter of its convolution work, so it saves about half the activations for a fraction of
+the recompute. `checkpoint_mode: selective` instead keeps every convolution's output and recomputes
 only GroupNorm and GELU in the backward (torch's selective activation checkpointing, one region per GroupNorm ->
 GELU -> next convolution, over all frames at once): about a third of the encoder's activations kept (a conv output
 per block, against conv output, norm output and activation per block), no convolution recomputed. GroupNorm, not
@@ -34,7 +37,7 @@ from lib.config import ConfigError
 WIDTH_PRESETS = {"full": (64, 128, 256), "small": (32, 64, 128)}
 FUSIONS = ("conv", "mean")
 SCALAR_FUSIONS = ("film", "concat")
-CHECKPOINT_MODES = ("frames", "selective")
+CHECKPOINT_MODES = ("frames", "selective", "first_stage")
 
 
 def parse_widths(widths):
@@ -63,7 +66,8 @@ class TemporalConfig:
     checkpoint_frames: bool = False  # activation checkpointing of the frame encoder (saves activation memory), as:
     checkpoint_mode: str = "frames"  # frames: each frame slot's encoder recomputed in the backward (the least memory,
                                     # one more encoder forward) | selective: conv outputs kept, GroupNorm + GELU
-                                    # recomputed (more memory than frames, far less recompute)
+                                    # recomputed (more memory than frames, far less recompute) | first_stage: only
+                                    # the full-resolution stage recomputed, one frame slot at a time
     groups: int = 8                 # GroupNorm groups (capped by the channel count)
 
     def validate(self):
@@ -133,15 +137,27 @@ class FrameEncoder(nn.Module):
         self.dim = w3
 
     def forward(self, x, selective=False):                           # (N, C, H, W)
+        if selective:
+            return self._embed(self._selective_blocks(self._with_coordinates(x)))
+        return self.rest(self.first_stage(x))                        # (N, w3)
+
+    def first_stage(self, x):
+        """(N, C, H, W) frames -> (N, w1, H, W): coordinates appended, the full-resolution stage."""
+        return self.stage1(self._with_coordinates(x))
+
+    def rest(self, h):
+        """(N, w1, H, W) first-stage features -> (N, w3) embedding."""
+        return self._embed(self.stage3(self.stage2(h)))              # stages at H/2 and H/4
+
+    def _embed(self, x):
+        return self.proj(self.pool(x).flatten(1))                    # (N, w3, H/4, W/4) -> (N, w3)
+
+    @staticmethod
+    def _with_coordinates(x):
         n, _, h, w = x.shape
         ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
-        x = torch.cat([x, ys, xs], dim=1)                            # (N, C + 2, H, W)
-        if selective:
-            x = self._selective_blocks(x)
-        else:
-            x = self.stage3(self.stage2(self.stage1(x)))             # (N, w3, H/4, W/4)
-        return self.proj(self.pool(x).flatten(1))                    # (N, w3)
+        return torch.cat([x, ys, xs], dim=1)                         # (N, C + 2, H, W)
 
     def _selective_blocks(self, x):
         """The three stages with only the conv outputs kept: each region GroupNorm -> GELU -> next conv takes the
@@ -200,6 +216,12 @@ class TemporalRegressor(nn.Module):
         b, t = frames.shape[:2]
         if self.checkpoint_frames and torch.is_grad_enabled() and self.cfg.checkpoint_mode == "selective":
             return self.encoder(frames.flatten(0, 1), selective=True).view(b, t, -1)   # (B, T, D)
+        if self.checkpoint_frames and torch.is_grad_enabled() and self.cfg.checkpoint_mode == "first_stage":
+            # the full-resolution stage per frame slot under checkpoint (its output is kept: the next stage's
+            # input); the later stages over all frames at once, as without checkpointing. Slot-major order.
+            h = torch.cat([checkpoint(self.encoder.first_stage, frames[:, i], use_reentrant=False,
+                                      preserve_rng_state=False) for i in range(t)])   # (T*B, w1, H, W)
+            return self.encoder.rest(h).view(t, b, -1).transpose(0, 1)            # (B, T, D)
         if self.checkpoint_frames and torch.is_grad_enabled():
             # one checkpoint per frame slot: only its input (B, C, H, W) and output (B, D) stay alive; no RNG
             # inside the encoder, so no RNG state to save and restore

@@ -189,12 +189,13 @@ def test_ast_regression_run_reports_mae_and_rmse_and_walks_the_ladder(tmp_path, 
     assert again["mae"] == result["mae"]
 
 
-def test_selective_checkpointing_gives_the_plain_gradients():
+@pytest.mark.parametrize("mode", ["selective", "first_stage"])
+def test_partial_checkpointing_gives_the_plain_gradients(mode):
     x, y = tiny_batch(size=16)
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = TemporalRegressor(TemporalConfig(widths="4/8/16", checkpoint_frames=ckpt, checkpoint_mode="selective",
+        model = TemporalRegressor(TemporalConfig(widths="4/8/16", checkpoint_frames=ckpt, checkpoint_mode=mode,
                                                  groups=2, scalar_hidden=8, head_hidden=8), 1, 3, 2, 2)
         F.mse_loss(model(x), y).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -209,7 +210,7 @@ torch.set_num_threads(1)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 g = torch.Generator().manual_seed(0)
 x, y = TemporalBatch(torch.randn(4, 3, 1, 64, 64, generator=g), torch.randn(4, 2, generator=g)), torch.randn(4, 1)
-for ckpt, mode in ((False, "frames"), (True, "frames"), (True, "selective")):
+for ckpt, mode in ((False, "frames"), (True, "frames"), (True, "selective"), (True, "first_stage")):
     model = TemporalRegressor(TemporalConfig(widths="32/64/128", checkpoint_frames=ckpt, checkpoint_mode=mode), 1, 3,
                               2, 1)
     F.mse_loss(model(x), y).backward()  # once untimed: the first call of a shape also allocates kernel caches
@@ -224,15 +225,17 @@ for ckpt, mode in ((False, "frames"), (True, "frames"), (True, "selective")):
 
 def test_checkpoint_modes_hold_less_for_the_backward(tmp_path):
     """Resident memory held between forward and backward, in a fresh process whose every allocation over 64 KB is
-    its own mmap (freed memory goes back at once, so RSS counts the live tensors): none > selective > frames."""
+    its own mmap (freed memory goes back at once, so RSS counts the live tensors): none > selective, first_stage >
+    frames."""
     import os
     import subprocess
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", HELD_AFTER_FORWARD], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    plain, frames, selective = (int(v) for v in out)
+    plain, frames, selective, first_stage = (int(v) for v in out)
     assert plain > 20e6  # the measure sees the activations at all
     assert selective < 0.5 * plain and frames < 0.2 * plain, (plain, frames, selective)
+    assert frames < first_stage < 0.6 * plain, (plain, frames, first_stage)
 
 
 def test_film_fusion_starts_as_the_concat_head_and_bad_values_are_refused():
