@@ -93,8 +93,10 @@ def test_encode_speed_smoke(tmp_path, monkeypatch, capsys):
 def test_regression_memory_smoke(monkeypatch, capsys):
     summary = run_bench("regression_memory.py", ["--smoke"], monkeypatch, capsys)
     assert set(summary) == {"summary", "ckpt_memory_saving", "ckpt_time_cost", "best_compile_speedup", "device",
-                            "selective_memory_saving", "selective_time_cost"}
+                            "selective_memory_saving", "selective_time_cost", "first_stage_memory_saving",
+                            "first_stage_time_cost"}
     assert summary["device"] == "cpu" and summary["ckpt_memory_saving"] > 0  # fewer bytes kept for the backward
+    assert 0 < summary["first_stage_memory_saving"] < summary["ckpt_memory_saving"]
 
 
 def test_ast_jpeg_summarizes_what_finished_when_stopped(tmp_path, monkeypatch, capsys):
