@@ -145,12 +145,23 @@ class _Calibration:
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 
 
+def _end_nodes(path):
+    """Names of the graph's first Conv and last Gemm/MatMul (the input layer and the classifier), where present."""
+    import onnx
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+    return [name for name in (first, last) if name]
+
+
 def quantize(mode, fp32_path, out_path, calibration=None, per_channel=True, quant_format="QDQ",
-             activations="uint8", reduce_range=False, calibration_method="minmax", percentile=99.999):
+             activations="uint8", reduce_range=False, calibration_method="minmax", percentile=99.999,
+             fp32_ends=False):
     """int8 model at out_path; returns its settings. static: int8 weights (per channel by default) and activations
     (uint8 by default) with ranges calibrated on `calibration`, as QDQ pairs around each op (QOperator: QLinear* ops
     instead); calibration_method: minmax (the observed range: one outlier widens every step), percentile (the range
     holding `percentile`% of the values), entropy (the range that keeps the histogram's KL divergence lowest);
+    fp32_ends keeps the first convolution and the classifier in fp32 (static; the layers int8 hurts most).
     dynamic: int8 weights, activation ranges computed per batch at run time (MatMul, Gemm)."""
     if calibration_method not in CALIBRATIONS:
         raise ValueError(f"calibration_method must be one of {', '.join(CALIBRATIONS)}, got '{calibration_method}'")
@@ -164,7 +175,8 @@ def quantize(mode, fp32_path, out_path, calibration=None, per_channel=True, quan
         # exporter's Reshape nodes once the batch axis is symbolic.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         if mode == "static":
-            quantize_static(str(prepared), str(out_path), _Calibration(calibration),
+            excluded = _end_nodes(prepared) if fp32_ends else []
+            quantize_static(str(prepared), str(out_path), _Calibration(calibration), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, quant_format), per_channel=per_channel,
                             reduce_range=reduce_range, weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
@@ -176,7 +188,8 @@ def quantize(mode, fp32_path, out_path, calibration=None, per_channel=True, quan
             how = {"minmax": "min/max", "percentile": f"{percentile} percentile",
                    "entropy": "entropy (KL)"}[calibration_method]
             return {"mode": "static", "format": quant_format, "weights": weights,
-                    "activations": f"{activations}, {how} calibration", "calibration_samples": len(calibration)}
+                    "activations": f"{activations}, {how} calibration", "calibration_samples": len(calibration),
+                    **({"kept_fp32": excluded} if fp32_ends else {})}
         quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=per_channel,
                          reduce_range=reduce_range)
         return {"mode": "dynamic", "weights": weights, "activations": "uint8, range computed per batch at run time"}

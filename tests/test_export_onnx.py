@@ -167,11 +167,14 @@ def smoke(tmp_path_factory):
 
 
 def test_bench_smoke(smoke):
+    import export_latency
     _, lines = smoke
     models = [line.get("model") for line in lines if "variant" not in line and not line.get("summary")]
     assert models == ["small_cnn", "rvit", "dyrcnn_x4"]
     variants = [line for line in lines if "variant" in line]  # --variants: every int8 setting quantized and timed
-    assert len(variants) == 7 and all(0 <= v["int8_top1_agreement"] <= 1 for v in variants)
+    assert len(variants) == len(export_latency.VARIANTS) and all(0 <= v["int8_top1_agreement"] <= 1 for v in variants)
+    ends = [v for v in variants if "first conv and classifier in fp32" in v["variant"]]
+    assert len(ends) == 2 and all(len(v["settings"]["kept_fp32"]) == 2 for v in ends)
     summary = lines[-1]
     assert summary["summary"] and summary["max_abs_err_fp32"] <= 1e-4 and summary["device"].startswith("CPU")
     assert 0 <= summary["int8_top1_agreement_resnet50"] <= 1 and summary["int8_vs_fp32_ort_speedup_b32_resnet50"] > 0
