@@ -8,14 +8,14 @@ GPU-resident data, same config, one run, through train_ast.train() itself.
     python bench/ast_jpeg.py --smoke=true          # CPU, seconds: every part runs, numbers mean nothing
 
 Sources: `resident` (synthetic data on the GPU, data.loader=resident), `jpeg` (the generated folder, data.loader=jpeg)
-and `cache` (its pre-resized cache, data.loader=cache, short side 256). Variants, each on every source, full first (every
-ratio needs it), the others in an order rotated per source, after throwaway runs that take the one-time costs
-(CUDA/cuDNN start-up, autotuning the full-batch and subset shapes): full, batch10 (10%, scoring batch 2048), batch10_cheap (the same, scored at 112 px),
-epoch10 (10%); `epochs` epochs each (epoch 0 on all data, then sparse; the last one timed = steady state; all of
-them = whole run). full_compiled (loop.compile=true): one epoch (it compiles), then `compiled_steps` timed steps. Batch mode on image
-files uses data.selective_decode=auto (batch10_cheap decodes selectively, half its scoring images in the workers;
-batch10 decodes all on the GPU); the extras time the other decode paths (selective_decode=never / always,
-score_cpu_share=1.0) on 2 sparse epochs each,
+and `cache` (its pre-resized cache, data.loader=cache, short side 256). Variants, each on every source, full first
+(every ratio needs it), the others in an order rotated per source, after throwaway runs that take the one-time costs
+(CUDA/cuDNN start-up, autotuning the full-batch and subset shapes): full, batch10 (10%, scoring batch 2048),
+batch10_cheap (the same, scored at 112 px), epoch10 (10%); `epochs` epochs each (epoch 0 on all data, then sparse;
+the last one timed = steady state; all of them = whole run). full_compiled (loop.compile=true): one epoch (it
+compiles), then `compiled_steps` timed steps. Batch mode on image files uses data.selective_decode=auto
+(batch10_cheap decodes selectively, half its scoring images in the workers; batch10 decodes all on the GPU); the
+extras time the other decode paths (selective_decode=never / always, score_cpu_share=1.0) on 2 sparse epochs each,
 the second timed, so that "best JPEG path" compares them all. Parts without training: decode rates (PIL per core,
 nvJPEG per GPU) of the folder's files and the cache's, the cache's bytes per image and build rate, PSNR of the
 re-encoded images and of the scoring images, the loader alone (plain vs selective batches), and an epoch start with a
@@ -416,7 +416,8 @@ def main(cfg):
           "psnr_cache_reencode_db": decode["psnr_cache_reencode_db"],
           f"psnr_score{cfg.score_resolution}_draft_vs_full_db":
               decode[f"psnr_score{cfg.score_resolution}_draft_vs_full_db"],
-          "skipped_runs": runner.skipped, "interrupted_run": runner.interrupted, "epochs": cfg.epochs, "smoke": cfg.smoke,
+          "skipped_runs": runner.skipped, "interrupted_run": runner.interrupted, "epochs": cfg.epochs,
+          "smoke": cfg.smoke,
           "seconds": round(time.perf_counter() - t_start, 1), "files": folder["train_files"], "device": device_name},
          cfg.out)
 

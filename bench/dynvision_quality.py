@@ -31,10 +31,10 @@ both datasets. Bars (issue 18): |a| <= 0.5 pt; b >= -2 pt and c >= 0.95, per str
 
 What each strategy costs and when to avoid it: the measured differences are what this bench is for (H200 run of
 2026-12-02 in docs/BENCHMARKS.md: every strategy within 0.8 pt of full but stream with windows shorter than the
-    V1 -> readout path, -2.1 / -9.3 pt). Known by construction: checkpoint and offload compute full BPTT's gradients (they cost time: recomputation, host copies); stream windows shorter
-    than the V1 -> readout path (4 forward delays) cannot carry gradient from the loss to V1 through the
-    feedforward path, so V1 learns only through skip connections, if at all; compress bf16 under bf16 autocast
-    changes only the tensors autocast keeps in fp32.
+V1 -> readout path, -2.1 / -9.3 pt). Known by construction: checkpoint and offload compute full BPTT's gradients
+(they cost time: recomputation, host copies); stream windows shorter than the V1 -> readout path (4 forward
+delays) cannot carry gradient from the loss to V1 through the feedforward path, so V1 learns only through skip
+connections, if at all; compress bf16 under bf16 autocast changes only the tensors autocast keeps in fp32.
 """
 import argparse
 import json

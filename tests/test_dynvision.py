@@ -9,8 +9,8 @@ import lib.dynvision as dv
 from lib.config import ConfigError
 from lib.dynvision import scan
 from lib.dynvision import (AREAS, FEEDBACK_SOURCES, SKIP_SOURCES, DyRCNN, LossConfig, MemoryConfig, ModelConfig,
-                           SavedBytesMeter, check_schedule, count_params, reaction_step, stream_backward, stream_windows,
-                           strategy_forward, timestep_loss)
+                           SavedBytesMeter, check_schedule, count_params, reaction_step, stream_backward,
+                           stream_windows, strategy_forward, timestep_loss)
 
 
 def small_cfg(**kw):

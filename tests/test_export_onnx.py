@@ -196,7 +196,8 @@ def test_bench_reports_a_failing_model_and_still_writes_its_summary(tmp_path, mo
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit, match="1 model.*resnet50"):
         export_latency.main(["--smoke", "--keep", str(tmp_path), "--models=resnet50,rvit_b16"])
     lines = [json.loads(line) for line in out.getvalue().strip().splitlines()]
-    assert lines[0] == {"model": "resnet50", "failed": True, "error": "ExportError: cannot export aten.odd (module 'x')"}
+    assert lines[0] == {"model": "resnet50", "failed": True,
+                        "error": "ExportError: cannot export aten.odd (module 'x')"}
     assert lines[1]["model"] == "rvit" and lines[1]["fp32_rel_err"] <= 1e-4
     summary = lines[-1]
     assert summary["summary"] and list(summary["failed_models"]) == ["resnet50"]

@@ -29,5 +29,5 @@ from lib.dynvision.scan import HAVE_TRITON, euler_scan
 __all__ = ["AREAS", "FEEDBACK_SOURCES", "HAVE_TRITON", "PRESETS", "RECURRENCE_TYPES", "SKIP_SOURCES",
            "STRATEGY_PARTS", "Area", "AreaSpec", "DyRCNN", "LossConfig", "MemoryConfig", "ModelConfig",
            "SavedBytesMeter", "accuracy_per_step", "build_model", "check_schedule", "count_params", "euler_scan",
-           "flops_per_sample", "reaction_step", "saved_tensor_policy", "stream_backward", "stream_windows", "strategy_forward",
-           "timestep_loss"]
+           "flops_per_sample", "reaction_step", "saved_tensor_policy", "stream_backward", "stream_windows",
+           "strategy_forward", "timestep_loss"]

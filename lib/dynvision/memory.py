@@ -18,10 +18,10 @@ speed and memory: bench/dynvision_speed.py):
               through skip connections (if their path fits in the window) or not at all.
   update_every  not a memory strategy but a different model: later areas integrate over longer steps.
   Measured on real held-out data (bench/dynvision_quality.py, H200, 2026-12-02, DyRCNNx4, delays 5/3, 40 steps,
-  digits and silhouettes, 3 seeds; docs/BENCHMARKS.md): offload and compress bf16 give full's accuracy on every seed, checkpoint
-  -0.56 / +0.32 pt (rounding noise), compress int8 -0.28 / -0.20, stream with 30-step windows -0.46 / -0.62, with
-  10-step windows (shorter than the 20-step V1-to-readout path) -2.1 / -9.3 pt. Stream windows are aligned to the
-  end of the unroll (stream_windows). Check a strategy on your data first:
+  digits and silhouettes, 3 seeds; docs/BENCHMARKS.md): offload and compress bf16 give full's accuracy on every
+  seed, checkpoint -0.56 / +0.32 pt (rounding noise), compress int8 -0.28 / -0.20, stream with 30-step windows
+  -0.46 / -0.62, with 10-step windows (shorter than the 20-step V1-to-readout path) -2.1 / -9.3 pt. Stream
+  windows are aligned to the end of the unroll (stream_windows). Check a strategy on your data first:
   train_dynvision.py --compare.
 """
 import contextlib
