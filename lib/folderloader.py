@@ -16,7 +16,9 @@ decoded whole when asked for. The crops are the ones the plain path makes: the s
 seed, epoch, index), the same decoder and resize code.
 """
 import contextlib
+import faulthandler
 import queue
+import sys
 import threading
 import time
 
@@ -33,6 +35,7 @@ FIRST_CHUNK = 32                # an iteration's first batch in chunks of at lea
 DECODE_PIECE = 256              # selective decoding: the GPU share is decoded in calls of at most this many images, so
                                 # that a batch's full() (which waits for the one nvJPEG decoder a process has) goes
                                 # next after at most one of them
+STALL_REPORT_S = 60.0          # a worker task, or the wait for a batch, this long prints the stacks (stderr)
 SELECTIVE_POLICIES = ("auto", "always", "never")
 _READY, _CPU, _LATER = 0, 1, 2  # SelectiveBatch: where a position's training crop comes from
 
@@ -46,10 +49,16 @@ class _FolderBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, spec):
         batch, chunks, first_pos, index, epoch, resolution, augment, score_px = spec
+        # a chunk takes well under a second; one stuck this long prints where it is (the worker keeps going)
+        watch = torch.utils.data.get_worker_info() is not None
+        if watch:
+            faulthandler.dump_traceback_later(STALL_REPORT_S, exit=False, file=sys.__stderr__)
         chunk = jpeg.read_chunk(self.source, self.labels, index, first_pos=first_pos, epoch=epoch,
                                 resolution=resolution, augment=augment, seed=self.seed, gpu_decode=self.gpu_decode,
                                 cpu_fraction=self.cpu_fraction, score_px=score_px,
                                 score_cpu_share=self.score_cpu_share)
+        if watch:
+            faulthandler.cancel_dump_traceback_later()
         chunk.update(batch=batch, chunks=chunks, resolution=resolution, score_px=score_px)
         return chunk
 
@@ -111,12 +120,18 @@ class _Pipeline:
             except queue.Full:
                 pass
 
-    def _get(self, q):
+    def _get(self, q, report=False):
+        t0 = time.perf_counter()
         while not self.stop.is_set():
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:
-                pass
+                if report and t0 is not None and time.perf_counter() - t0 > STALL_REPORT_S:
+                    t0 = None  # once per wait
+                    print(f"[loader] no batch for {STALL_REPORT_S:.0f} s; this process's threads are at:",
+                          file=sys.stderr, flush=True)
+                    with contextlib.suppress(OSError, ValueError):  # a stderr without a file descriptor
+                        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
         return self._END
 
     def _items(self, source, inbox):
@@ -168,7 +183,7 @@ class _Pipeline:
 
     def __next__(self):
         t0 = time.perf_counter()
-        item = self._get(self.queues[-1])
+        item = self._get(self.queues[-1], report=True)
         waited = time.perf_counter() - t0
         self.stats["consumer_wait_s"] += waited
         self.stats["consumer_wait_max_s"] = max(self.stats.get("consumer_wait_max_s", 0.0), waited)

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import time
 import numpy as np
 import pytest
 import torch
@@ -270,3 +271,20 @@ def test_cache_refuses_a_changed_folder_and_other_settings(folder, tmp_path):
     with pytest.raises(CacheError, match="1 added, e.g. n00000000/extra.JPEG"):
         build(copy, cache_dir / "train")
     assert imagecache.FORMAT in (cache_dir / "train" / "manifest.json").read_text()
+
+
+def test_a_stuck_worker_task_prints_where_it_is(folder, monkeypatch, capfd):
+    """A worker task past STALL_REPORT_S dumps its stack to stderr (and the loader still delivers the batch)."""
+    real = jpeg.read_chunk
+
+    def slow(*args, **kwargs):
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(folderloader, "STALL_REPORT_S", 0.2)
+    monkeypatch.setattr(jpeg, "read_chunk", slow)  # the forked workers inherit both
+    loader = build_data(data_cfg(folder, workers=1), "cpu", batch_size=8, seed=5).train
+    x, y, _ = next(iter(batches(loader, 1)))
+    assert len(y) == 8
+    err = capfd.readouterr().err
+    assert "in slow" in err and "__getitem__" in err
