@@ -38,6 +38,7 @@ Why one file of ~800 lines: it is the recipe a user copies and edits, read top t
 one run in phases (build, train, run_epoch: the hot loop, summarize) -> the comparison runner; the reusable parts
 already live in lib/ (selection, compare, run, loop, data), and what is left here is the loop and its glue.
 """
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -525,9 +526,10 @@ def train(cfg, info, run_dir, reference=None):
 
 
 def train_once(cfg, info, run_dir, reference, ladder):
-    with Run(cfg, info, may_change=MAY_CHANGE, run_dir=run_dir, log=say) as run:   # refuses another config's folder
+    with Run(cfg, info, may_change=MAY_CHANGE, run_dir=run_dir, log=say) as run, contextlib.ExitStack() as stack:
         ladder.write_note(run.dir)  # config.yaml: the effective settings and what the fallbacks changed
         v = build(cfg, info, run.dir.name, reference or {}, ladder)
+        stack.callback(v.data.close)  # the loaders' workers stop with the run, not whenever the GC finds them
 
         # ---- resume
         counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "backward_samples": 0, "score_forward_samples": 0,

@@ -370,7 +370,11 @@ def evaluate_and_log(cfg, run, parts, epoch, step):
 def train_one(cfg, info, run_dir=None):
     """One run into run_dir (default <out_dir>/<name>); returns its summary (result.json)."""
     with Run(cfg, info, may_change=MAY_CHANGE, run_dir=run_dir, log=say) as run:
-        return train(cfg, run, build(cfg, info))
+        parts = build(cfg, info)
+        try:
+            return train(cfg, run, parts)
+        finally:
+            parts.data.close()  # the loaders' workers stop with the run (see lib/loaders.py: close)
 
 
 def run_compare(cfg, info):

@@ -267,6 +267,7 @@ def loader_parts(cfg, root, device, out):
                   "selected_per_batch": k if score_px is not None else None, "workers": cfg.workers,
                   "fallback": loader.fallback, "skipped": loader.skipped,
                   "stats": {key: round(v, 3) for key, v in loader.stats.items()}}, out)
+            data.close()  # its workers stop now, not in the middle of a later run (see _LoaderBase.close)
             del x, data, loader
         # epoch start: an epoch-mode plan of target_rate of the data, twice (the second with warm workers)
         data = build_data(data_config(cfg, root, source), device, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -287,6 +288,7 @@ def loader_parts(cfg, root, device, out):
         emit({"part": "epoch_start", "source": source, "plan": len(plan), "batches": b + 1,
               "first_batch_s": [round(s, 4) for s in starts], "later_batch_s": [round(s, 4) for s in per_batch],
               "workers": cfg.workers}, out)
+        data.close()
         del data, loader
 
 

@@ -197,6 +197,8 @@ def check_against_cpu(data_cfg, device, batch_size, out):
         record[f"decode_vs_pil_{name}_mean_abs_255"] = round(errs.mean().item(), 4)
         record[f"decode_vs_pil_{name}_max_abs_255"] = int(errs.max().item())
     emit(record, out)
+    gpu.close()
+    pil.close()
 
 
 def time_parts(root, cfg, device, out):
@@ -358,6 +360,7 @@ def main(cfg):
               "workers_alone_img_per_s": round(worker_rate, 1), "batch_size": cfg.batch_size,
               "fallback": data.train.fallback, "skipped": data.train.skipped,
               "stats": {k: round(v, 3) for k, v in data.train.stats.items()}}, cfg.out)
+        data.close()  # its workers stop now, not in the middle of a later measurement (see _LoaderBase.close)
         del data
     jpeg_workers = max(pipeline_rates, key=pipeline_rates.get)
     pipeline = pipeline_rates[jpeg_workers]
@@ -414,6 +417,8 @@ def main(cfg):
             if cfg.profile and not new_rates.keys() - {(fraction, switch_ms)}:
                 emit({"part": "profile", "cpu_decode_fraction": fraction,
                       **profile_streams(step, batches, device)}, cfg.out)
+            batches.close()  # ends the suspended epoch (the loader's pipeline threads), then the workers
+            data.close()
             del batches, data
     sys.setswitchinterval(default_switch)
     best = max(new_rates, key=new_rates.get)

@@ -168,6 +168,13 @@ class Data:
     temporal: dict = field(default_factory=dict)  # temporal regression: frames, num_scalars, target mean/std, names,
                                                   # units (lib/temporal_data.py)
 
+    def close(self):
+        """Stop the loaders' worker processes (see _LoaderBase.close); call when done with this data."""
+        for loader in (self.train, self.test):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
+
 # ----------------------------------------------------------------------------- build
 def _resident_bytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -288,3 +288,22 @@ def test_a_stuck_worker_task_prints_where_it_is(folder, monkeypatch, capfd):
     assert len(y) == 8
     err = capfd.readouterr().err
     assert "in slow" in err and "__getitem__" in err
+
+
+def test_close_stops_the_workers_of_an_abandoned_epoch_and_a_run_leaves_none(folder, tmp_path):
+    """A loader left mid-epoch keeps its persistent workers (in a cycle: only the garbage collector would stop them,
+    at 5 s per worker, in the middle of whatever runs then); close() stops them at once and the loader still
+    iterates afterwards; train_ast.train() closes its loaders itself."""
+    loader = build_data(data_cfg(folder, workers=2), "cpu", batch_size=8, seed=5).train
+    loader.set_epoch(1)
+    for first in loader:
+        break
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    again = batches(loader, 1)
+    assert torch.equal(again[0][2], first[2])
+    loader.close()
+    ast_run(folder, tmp_path, "closed", {"mode": "random"}, {"workers": 2})
+    assert not multiprocessing.active_children()
